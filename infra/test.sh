@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment (idempotent), lints, runs the whole test suite.
+# Fails when a test fails, when lint fails, and when no test ran (pytest exit code 5).
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash infra/setup_env.sh || { echo "test.sh: environment set-up failed" >&2; exit 1; }
+py="${MGPO_VENV:-$root/.venv}/bin/python"
+export DS_ACCELERATOR=cpu MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
+echo "== ruff ==" && "$py" -m ruff check . || exit 1
+echo "== pytest ==" && "$py" -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then echo "test.sh: pytest collected no tests: failing on purpose" >&2; exit 1; fi
+exit "$rc"

@@ -1,0 +1,210 @@
+"""The ``mgpo`` command line: run the job, inspect the config, build the tiny model, roll out a demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="preset name (tiny-cpu, qwen2.5-vl-7b-8gpu) or a YAML path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set rollout.n=4 (repeatable; VALUE is parsed as YAML)",
+    )
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from mgpo_core.config import load_config
+
+    return load_config(args.preset, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from mgpo_core.config import config_hash, describe_config, to_yaml
+
+    if args.action == "describe":
+        print(describe_config())
+        return 0
+    cfg = _load(args)
+    print(
+        config_hash(cfg) if args.action == "hash" else to_yaml(cfg), end="\n" if args.action == "hash" else ""
+    )
+    return 0
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from mgpo_core.modeling.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def _print_episode(i: int, ep) -> None:  # noqa: ANN001
+    g = ep.grounding
+    s = ep.sample
+    print(f"── episode {i} (prompt {ep.group}) ─────────────────────────────────────────")
+    print(
+        f"  image     {s.image_path}  original {ep.original_size[0]}x{ep.original_size[1]}"
+        f"  → overview {ep.overview_size[0]}x{ep.overview_size[1]}"
+    )
+    print(f"  question  {s.question}   answer ({s.answer}) {s.choices[ord(s.answer) - 65]}")
+    print(f"  turn 1    {ep.turn1_text[:160]!r}{'…' if len(ep.turn1_text) > 160 else ''}")
+    box = "none" if g.box is None else "[" + ", ".join(f"{v:.0f}" for v in g.box) + "]"
+    print(f"  box       {box}  reason={g.reason}  rule={g.rule or '-'}  crop(original px)={ep.crop_box}")
+    print(f"  turn 2    {ep.turn2_text[:160]!r}{'…' if len(ep.turn2_text) > 160 else ''}")
+    print(
+        f"  tokens    total {ep.length}  prompt {ep.prompt_len}  turn1 {ep.turn_length(1)}  turn2 {ep.turn_length(2)}"
+        f"  trained {int(ep.loss_mask.sum())}  images {ep.image_grid_thw.tolist()}  truncated {ep.truncated}"
+    )
+    print(f"  reward    {ep.reward:.0f}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A two-turn rollout of the model on synthetic high-resolution images, printed readably, plus one loss."""
+    import torch
+
+    from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
+    from mgpo_core.data.synthetic import iter_synthetic_samples
+    from mgpo_core.episodes import PromptTemplates
+    from mgpo_core.logprobs import collate_episodes, token_logprobs
+    from mgpo_core.modeling.loading import load_bundle, resolve_model_path
+    from mgpo_core.rollout import RolloutSettings
+    from mgpo_core.rollout.hf import HFRolloutEngine
+
+    cfg = _load(args)
+    state = Path(cfg.state_dir)
+    t0 = time.perf_counter()
+    path = resolve_model_path(cfg.model.path, cache_root=state / "models", tiny_seed=cfg.model.tiny_seed)
+    bundle = load_bundle(path, dtype=cfg.model.dtype)
+    print(
+        f"model     {path} ({sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f} M parameters, "
+        f"loaded in {time.perf_counter() - t0:.1f}s)"
+    )
+    samples = list(
+        iter_synthetic_samples(
+            state / "data" / "demo",
+            args.prompts,
+            seed=cfg.data.shuffle_seed,
+            width=cfg.data.synthetic_width,
+            height=cfg.data.synthetic_height,
+            split="demo",
+        )
+    )
+    engine = HFRolloutEngine(
+        bundle.model,
+        bundle.tokenizer,
+        bundle.image_processor,
+        bundle.special,
+        PromptTemplates.from_config(cfg.rollout),
+        RolloutSettings.from_config(cfg),
+    )
+    t1 = time.perf_counter()
+    episodes = engine.generate_episodes(samples, n=args.n, seed=cfg.algorithm.seed)
+    t_roll = time.perf_counter() - t1
+    for i, ep in enumerate(episodes):
+        _print_episode(i, ep)
+    rewards = torch.tensor([ep.reward for ep in episodes])
+    adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]), eps=cfg.algorithm.adv_eps)
+    batch = collate_episodes(episodes, bundle.model, bundle.special.pad)
+    logp, ent = token_logprobs(bundle.model, batch, with_entropy=True)
+    a = cfg.algorithm
+    coefs = LossCoefficients(
+        kl_coef=a.kl_coef,
+        entropy_coef=a.entropy_coef,
+        clip_low=a.clip_low,
+        clip_high=a.clip_high,
+        kl_estimator=a.kl_estimator,
+        kl_clamp=a.kl_clamp,
+    )
+    loss, metrics = mgpo_loss(logp, logp.detach(), logp.detach(), adv, batch.loss_mask, ent, coefs)
+    loss.backward()
+    gap = _logprob_gap(episodes, logp.detach(), batch.loss_mask)
+    n_tok = int(sum(ep.turn_length(1) + ep.turn_length(2) for ep in episodes))
+    print("── batch ─────────────────────────────────────────────────────────────────")
+    print(
+        f"  episodes {len(episodes)}  mean reward {rewards.mean():.3f}  valid boxes "
+        f"{sum(ep.valid_box for ep in episodes)}/{len(episodes)}  advantages {[round(x, 3) for x in adv.tolist()]}"
+    )
+    print(f"  loss {loss.item():.4f}  {json.dumps({k: round(v, 5) for k, v in metrics.items()})}")
+    print(f"  train-vs-rollout log-prob gap (mean |Δ| over sampled tokens) {gap:.2e}")
+    print(f"  rollout {t_roll:.1f}s for {n_tok} generated tokens ({n_tok / max(t_roll, 1e-9):.0f} tokens/s)")
+    return 0
+
+
+def _logprob_gap(episodes, logp, mask) -> float:  # noqa: ANN001
+    """Mean |trainer log-prob − rollout log-prob| over the tokens the engine sampled."""
+    import torch
+
+    diffs = []
+    for i, ep in enumerate(episodes):
+        lp = ep.rollout_logprobs
+        sel = torch.isfinite(lp) & (mask[i, : ep.length] > 0)
+        diffs.append((logp[i, : ep.length][sel] - lp[sel]).abs())
+    d = torch.cat(diffs) if diffs else torch.zeros(0)
+    return float(d.mean()) if d.numel() else 0.0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Until the pipeline stages land, the main job is the two-turn rollout demo of the core library.
+    return cmd_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mgpo", description="MGPO pipeline for Qwen2.5-VL")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the main job on the embedded default (tiny model, synthetic data)")
+    _add_config_args(p)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--n", type=int, default=2)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="two-turn rollout of the model on synthetic images, printed readably")
+    _add_config_args(p)
+    p.add_argument("--prompts", type=int, default=2, help="number of synthetic prompts")
+    p.add_argument("--n", type=int, default=2, help="rollouts per prompt")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="show the resolved config, its hash, or the config reference")
+    p.add_argument("action", choices=["show", "hash", "describe"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_build_tiny)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    from mgpo_core.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"mgpo: configuration error:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

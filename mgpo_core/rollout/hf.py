@@ -1,0 +1,135 @@
+"""Hugging Face ``generate`` rollout engine: the reference and fallback implementation of ``RolloutEngine``.
+
+Batched, left-padded generation with both images' pixel values; M-RoPE positions come from the model's own rope
+index (``mm_token_type_ids`` is passed — without it ``generate`` silently falls back to 1-D positions, a
+train/rollout mismatch). Ids outside the text vocabulary (``<|image_pad|>`` & co.) are suppressed. Sampling uses
+a forked RNG so rollouts never disturb the trainer's random state (exact resume depends on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from mgpo_core.episodes import PromptTemplates
+from mgpo_core.modeling.loading import SpecialTokens
+from mgpo_core.rollout.base import (
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    RolloutSettings,
+    SamplingSpec,
+)
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Rollouts with ``model.generate``; ``model`` may be the trainer's own module (then sync is a no-op)."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor,
+        special: SpecialTokens,
+        templates: PromptTemplates,
+        settings: RolloutSettings,
+        *,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__(tokenizer, image_processor, special, templates, settings)
+        self.model = model
+        self.batch_size = batch_size
+        self._suppress = special.non_text_ids()
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = []
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = params.get(name)
+                if target is None:
+                    missing.append(name)
+                    continue
+                if target.data_ptr() != tensor.data_ptr():
+                    target.copy_(tensor.to(target.dtype))
+        if missing:
+            raise KeyError(
+                f"sync_weights: {len(missing)} names unknown to the rollout model, e.g. {missing[:3]}"
+            )
+
+    @torch.no_grad()
+    def _generate(
+        self, requests: Sequence[GenerationRequest], spec: SamplingSpec, n: int
+    ) -> list[list[GenerationResult]]:
+        rows = [(i, r) for i, r in enumerate(requests) for _ in range(n)]
+        flat: list[GenerationResult] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                if spec.seed is not None:
+                    torch.manual_seed(spec.seed)
+                for start in range(0, len(rows), self.batch_size):
+                    flat.extend(
+                        self._generate_rows([r for _, r in rows[start : start + self.batch_size]], spec)
+                    )
+        finally:
+            self.model.train(was_training)
+        out: list[list[GenerationResult]] = [[] for _ in requests]
+        for (i, _), res in zip(rows, flat, strict=True):
+            out[i].append(res)
+        return out
+
+    def _generate_rows(self, reqs: Sequence[GenerationRequest], spec: SamplingSpec) -> list[GenerationResult]:
+        sp = self.special
+        device = next(self.model.parameters()).device
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), sp.pad, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
+        for k, r in enumerate(reqs):  # left padding: generated tokens line up at the right edge
+            ids[k, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            attn[k, width - len(r.prompt_ids) :] = 1
+        images = [im for r in reqs for im in r.images]
+        max_new = max(r.max_new_tokens for r in reqs)
+        kwargs = dict(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            mm_token_type_ids=(ids == sp.image_pad).to(torch.int32).to(device),
+            max_new_tokens=max_new,
+            eos_token_id=sp.im_end,
+            pad_token_id=sp.pad,
+            suppress_tokens=self._suppress,
+            return_dict_in_generate=True,
+            output_logits=True,
+            use_cache=True,
+        )
+        if images:
+            dtype = next(self.model.parameters()).dtype
+            kwargs["pixel_values"] = torch.cat([im.pixel_values for im in images]).to(device, dtype)
+            kwargs["image_grid_thw"] = torch.stack([im.grid_thw for im in images]).to(device)
+        if spec.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+        out = self.model.generate(**kwargs)
+        new = out.sequences[:, width:].cpu()
+        # Raw-logit log-probs (temperature 1): the same quantity the trainer recomputes, for the log-prob gap.
+        logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else torch.empty(len(reqs), 0, 1)
+        logp = torch.log_softmax(logits, dim=-1)
+        results = []
+        for k, r in enumerate(reqs):
+            toks = new[k].tolist()
+            stop = toks.index(sp.im_end) + 1 if sp.im_end in toks else len(toks)
+            stop = min(stop, r.max_new_tokens)
+            toks = toks[:stop]
+            finish = "stop" if toks and toks[-1] == sp.im_end else "length"
+            lps = (
+                logp[k, torch.arange(len(toks)), torch.tensor(toks, dtype=torch.long)].tolist()
+                if toks
+                else []
+            )
+            results.append(GenerationResult(toks, lps, finish))
+        return results
