@@ -68,7 +68,9 @@ def test_tiny_cpu_preset_is_sized_for_a_cpu() -> None:
     assert cfg.model.path is None and cfg.model.dtype == "float32"
     assert cfg.rollout.n == 4 and cfg.rollout.engine == "auto"
     assert (cfg.rollout.max_new_tokens_turn1, cfg.rollout.max_new_tokens_turn2) == (48, 32)
-    assert cfg.rollout.max_response_tokens == 96
+    # The response cap counts the inserted turn-2 prompt too: room for both turns plus a max-size crop image.
+    r = cfg.rollout
+    assert r.max_response_tokens >= r.max_new_tokens_turn1 + r.max_new_tokens_turn2 + r.max_pixels // 28**2 + 200
     assert (cfg.rollout.min_pixels, cfg.rollout.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
     assert (cfg.algorithm.prompts_per_step, cfg.algorithm.mini_batch_prompts) == (4, 2)
     assert (cfg.algorithm.micro_batch_size, cfg.algorithm.total_steps) == (4, 4)
