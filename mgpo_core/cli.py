@@ -16,7 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+STAGE_CLIS = ("mgpo_core.data.cli", "mgpo_core.training.cli", "mgpo_core.evaluation.cli", "mgpo_core.pipeline_cli")
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="preset name (tiny-cpu, qwen2.5-vl-7b-8gpu) or a YAML path")
     p.add_argument(
         "--set",
@@ -28,7 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def load_from_args(args: argparse.Namespace):  # noqa: ANN202
     from mgpo_core.config import load_config
 
     return load_config(args.preset, args.overrides)
@@ -40,7 +43,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "describe":
         print(describe_config())
         return 0
-    cfg = _load(args)
+    cfg = load_from_args(args)
     print(
         config_hash(cfg) if args.action == "hash" else to_yaml(cfg), end="\n" if args.action == "hash" else ""
     )
@@ -87,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
-    cfg = _load(args)
+    cfg = load_from_args(args)
     state = Path(cfg.state_dir)
     t0 = time.perf_counter()
     path = resolve_model_path(cfg.model.path, cache_root=state / "models", tiny_seed=cfg.model.tiny_seed)
@@ -171,20 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the main job on the embedded default (tiny model, synthetic data)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--n", type=int, default=2)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="two-turn rollout of the model on synthetic images, printed readably")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--prompts", type=int, default=2, help="number of synthetic prompts")
     p.add_argument("--n", type=int, default=2, help="rollouts per prompt")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="show the resolved config, its hash, or the config reference")
     p.add_argument("action", choices=["show", "hash", "describe"])
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a directory")
@@ -192,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build_tiny)
+
+    # Stage command groups live beside their stage (``register(subparsers)`` in each module's cli.py).
+    import importlib
+    import importlib.util
+
+    for mod in STAGE_CLIS:
+        parent = mod.rpartition(".")[0]
+        if importlib.util.find_spec(parent) is not None and importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod).register(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

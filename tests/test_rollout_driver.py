@@ -6,55 +6,12 @@ driver's grounding → crop → turn-2 logic is exercised on known boxes; the re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import pytest
 import torch
+from scripted import ScriptedEngine, box_reply
 
-from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN, PromptTemplates
+from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN
 from mgpo_core.imaging import overview_size
-from mgpo_core.rollout import (
-    GenerationRequest,
-    GenerationResult,
-    RolloutEngine,
-    RolloutSettings,
-    SamplingSpec,
-)
-
-
-class ScriptedEngine(RolloutEngine):
-    """Replies with fixed texts: ``turn1[k]`` for the k-th turn-1 row, ``turn2`` for every turn-2 row."""
-
-    name = "scripted"
-
-    def __init__(self, bundle, cfg, turn1: list[str], turn2: str, *, end_turn1: bool = True) -> None:  # noqa: ANN001
-        super().__init__(
-            bundle.tokenizer,
-            bundle.image_processor,
-            bundle.special,
-            PromptTemplates.from_config(cfg.rollout),
-            RolloutSettings.from_config(cfg),
-        )
-        self.turn1, self.turn2, self.end_turn1 = turn1, turn2, end_turn1
-        self.calls: list[list[GenerationRequest]] = []
-
-    def _encode(self, text: str, end: bool) -> GenerationResult:
-        ids = self.prompts.text_ids(text) + ([self.special.im_end] if end else [])
-        return GenerationResult(ids, [-0.5] * len(ids), "stop" if end else "length")
-
-    def _generate(self, requests: Sequence[GenerationRequest], spec: SamplingSpec, n: int):
-        self.calls.append(list(requests))
-        if len(self.calls) == 1:
-            it = iter(self.turn1)
-            return [[self._encode(next(it), self.end_turn1) for _ in range(n)] for _ in requests]
-        return [[self._encode(self.turn2, True) for _ in range(n)] for _ in requests]
-
-    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pass
-
-
-def _box_reply(x1: int, y1: int, x2: int, y2: int, tail: str = "") -> str:
-    return f'The key area:\n```json\n[{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "target"}}]\n```{tail}'
 
 
 def test_valid_box_crops_the_original_and_sends_it_as_second_image(tiny_bundle, tiny_cfg, synthetic_samples):
@@ -63,7 +20,7 @@ def test_valid_box_crops_the_original_and_sends_it_as_second_image(tiny_bundle, 
         900, 600, min_pixels=tiny_cfg.rollout.min_pixels, max_pixels=tiny_cfg.rollout.max_pixels
     )
     eng = ScriptedEngine(
-        tiny_bundle, tiny_cfg, [_box_reply(0, 0, w_in // 4, h_in // 4)], "\\boxed{" + s.answer + "}"
+        tiny_bundle, tiny_cfg, [box_reply(0, 0, w_in // 4, h_in // 4)], "\\boxed{" + s.answer + "}"
     )
     (ep,) = eng.generate_episodes([s], n=1)
     assert ep.grounding.valid and ep.grounding.reason == "ok"
@@ -96,7 +53,7 @@ def test_loss_mask_covers_exactly_the_generated_tokens_of_both_turns(
     tiny_bundle, tiny_cfg, synthetic_samples
 ):
     sp = tiny_bundle.special
-    eng = ScriptedEngine(tiny_bundle, tiny_cfg, [_box_reply(10, 10, 200, 150)], "It is \\boxed{A}")
+    eng = ScriptedEngine(tiny_bundle, tiny_cfg, [box_reply(10, 10, 200, 150)], "It is \\boxed{A}")
     (ep,) = eng.generate_episodes([synthetic_samples[0]], n=1)
     mask = ep.loss_mask.bool()
     gen = (ep.turn_index == TURN1_TOKEN) | (ep.turn_index == TURN2_TOKEN)
@@ -113,7 +70,7 @@ def test_loss_mask_covers_exactly_the_generated_tokens_of_both_turns(
 
 def test_text_after_the_json_block_is_cut_and_im_end_forced(tiny_bundle, tiny_cfg, synthetic_samples):
     sp = tiny_bundle.special
-    reply = _box_reply(10, 10, 200, 150, tail="\nand then the model keeps talking about unrelated things")
+    reply = box_reply(10, 10, 200, 150, tail="\nand then the model keeps talking about unrelated things")
     eng = ScriptedEngine(tiny_bundle, tiny_cfg, [reply], "\\boxed{B}")
     (ep,) = eng.generate_episodes([synthetic_samples[0]], n=1)
     assert ep.turn1_text.rstrip().endswith("```")
@@ -135,7 +92,7 @@ def test_turn1_cut_by_length_gets_a_forced_end_and_turn2_still_happens(
 
 
 def test_groups_and_n_samples_per_prompt(tiny_bundle, tiny_cfg, synthetic_samples):
-    replies = [_box_reply(10, 10, 200, 150), "nothing", "```json\n[]\n```", _box_reply(0, 0, 5, 5)] * 2
+    replies = [box_reply(10, 10, 200, 150), "nothing", "```json\n[]\n```", box_reply(0, 0, 5, 5)] * 2
     eng = ScriptedEngine(tiny_bundle, tiny_cfg, replies, "\\boxed{A}")
     eps = eng.generate_episodes(synthetic_samples[:2], n=4)
     assert [e.group for e in eps] == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -148,7 +105,7 @@ def test_response_cap_truncates_without_cutting_an_image(tiny_bundle, tiny_cfg, 
     from mgpo_core.config import load_config
 
     cfg = load_config("tiny-cpu", ["rollout.max_response_tokens=40"])
-    eng = ScriptedEngine(tiny_bundle, cfg, [_box_reply(10, 10, 200, 150)], "\\boxed{A}")
+    eng = ScriptedEngine(tiny_bundle, cfg, [box_reply(10, 10, 200, 150)], "\\boxed{A}")
     (ep,) = eng.generate_episodes([synthetic_samples[0]], n=1)
     assert ep.truncated
     assert ep.length <= ep.prompt_len + 40
