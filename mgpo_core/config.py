@@ -100,6 +100,68 @@ class ModelConfig(_Section):
     """Allow model code shipped inside the model directory (off: Qwen2.5-VL is built into transformers)."""
 
 
+class DataFilterConfig(_Section):
+    """The filter stage's checks (`mgpo data filter`): each switch drops rows with a reason code, and every input
+    row ends up kept or dropped (in = kept + dropped)."""
+
+    integrity: bool = True
+    """Check every image: its header first (size, decompression-bomb limit), then, with `integrity_decode`, a
+    full decode (truncated or corrupt pixel data). Unreadable, empty, missing and bomb files are dropped."""
+    integrity_decode: bool = True
+    """With `integrity`, also decode every image fully; False keeps the header-only check (much faster, but a
+    file truncated after its header passes)."""
+    min_side: PositiveInt | None = 28
+    """Drop images whose shorter side is below this many pixels (after EXIF rotation); None disables."""
+    max_side: PositiveInt | None = None
+    """Drop images whose longer side exceeds this many pixels; None disables."""
+    max_pixels: PositiveInt | None = None
+    """Drop images with more pixels than this (a data choice; the bomb limit is `data.max_image_pixels`);
+    None disables."""
+    max_aspect: float | None = Field(200.0, gt=1.0)
+    """Drop images whose long/short side ratio exceeds this (Qwen's resize refuses ratios above 200); None
+    disables."""
+    answer_validity: bool = True
+    """Drop rows with fewer than two choices or with blank or repeated choice texts. A row whose answer is not
+    the letter of one of its choices is dropped even when this is off: the sample schema cannot hold it."""
+    dedupe: bool = True
+    """Drop rows that repeat an earlier row (same image content by sha256, same question); the first is kept."""
+    dedupe_key: Literal["image+question", "image+question+choices"] = "image+question"
+    """What makes two rows duplicates; "image+question+choices" keeps HR-Bench's option cycles (same question,
+    choices in another order) apart."""
+    path_containment: bool = True
+    """Drop rows whose image path resolves (symlinks followed) outside the data root (`data.root`, else the
+    input's own folder) and the image cache."""
+    max_text_chars: PositiveInt = 4096
+    """Drop rows whose question or any choice is longer than this many characters."""
+    max_row_bytes: PositiveInt = 256 * 1024 * 1024
+    """Drop JSONL/TSV rows longer than this many bytes (read in bounded pieces, never whole); HR-Bench rows
+    carry a base64 image, so keep it well above the largest image."""
+    pass_rate: bool = False
+    """Run `pass_rate_n` rollouts of the base model per prompt and drop prompts whose pass rate lies outside
+    [`pass_rate_min`, `pass_rate_max`]: all-right and all-wrong prompts give zero GRPO advantage."""
+    pass_rate_n: PositiveInt = 8
+    """Rollouts per prompt of the pass-rate filter."""
+    pass_rate_min: float = Field(0.1, ge=0.0, le=1.0)
+    """Lowest pass rate kept (inclusive); the default drops exactly the all-wrong prompts for n <= 10."""
+    pass_rate_max: float = Field(0.9, ge=0.0, le=1.0)
+    """Highest pass rate kept (inclusive); the default drops exactly the all-right prompts for n <= 10."""
+    pass_rate_batch: PositiveInt = 8
+    """Prompts per rollout call of the pass-rate filter."""
+    workers: PositiveInt = 2
+    """Threads that check images in parallel (decoding and hashing release the GIL)."""
+
+    @model_validator(mode="after")
+    def _pass_rate_range(self) -> DataFilterConfig:
+        if self.pass_rate_min > self.pass_rate_max:
+            raise _FieldProblem(f"is above pass_rate_max={self.pass_rate_max}", self.pass_rate_min,
+                                "set pass_rate_min <= pass_rate_max", "pass_rate_min")
+        n = self.pass_rate_n
+        if self.pass_rate and not any(self.pass_rate_min <= k / n <= self.pass_rate_max for k in range(n + 1)):
+            raise _FieldProblem(f"keeps no pass rate k/{n} that {n} rollouts can give", self.pass_rate_min,
+                                "widen [pass_rate_min, pass_rate_max] or raise pass_rate_n", "pass_rate_min")
+        return self
+
+
 class DataConfig(_Section):
     """Training and evaluation data; without paths a synthetic V*-style dataset is generated locally."""
 
@@ -121,6 +183,11 @@ class DataConfig(_Section):
     """Decompression-bomb limit (pixels) when opening images; must let 80-megapixel originals through."""
     shuffle_seed: int = 0
     """Seed of the training-data order (and of the option shuffling where a benchmark needs it)."""
+    image_cache_dir: str | None = None
+    """Where images embedded in data files (HR-Bench base64, parquet bytes) are written, one file per content
+    hash; None = `<state_dir>/data/image-cache`."""
+    filters: DataFilterConfig = Field(default_factory=DataFilterConfig)
+    """Checks of the filter stage."""
 
 
 class RolloutConfig(_Section):
@@ -287,6 +354,8 @@ class AlgorithmConfig(_Section):
     """RL steps in a training run."""
     seed: int = 0
     """Seed of sampling, init and everything else random in training."""
+    reward: str = "answer"
+    """Reward function by name (`mgpo_core.training.rewards`): `answer` is the paper's binary answer reward."""
 
     @model_validator(mode="after")
     def _mini_batch_divides_step(self) -> AlgorithmConfig:
@@ -401,6 +470,29 @@ class EvaluationConfig(_Section):
     """The challenger must beat the champion's promotion metric by more than this."""
     max_new_tokens: PositiveInt = 1024
     """Cap on generated tokens per assistant turn at evaluation (greedy decoding)."""
+    batch_size: PositiveInt = 8
+    """Questions per evaluation batch (one batched generation call per turn; the progress bar counts batches).
+    Lower it for direct mode at full resolution, where each image can carry thousands of visual tokens."""
+    subsample_seed: int = 0
+    """Seed of the deterministic `limit` subsample (a hash of seed and sample id orders the questions)."""
+    direct_system_prompt: str = "You are a helpful assistant."
+    """System prompt of the direct single-turn baseline (no grounding step), used verbatim."""
+    direct_template: str = (
+        "{question}\n{choices}\nAnswer with the letter of the correct choice inside \\boxed{{}}."
+    )
+    """User turn of the direct baseline after the image; `str.format` with {question} and {choices} (the
+    choices header plus one "(A) ..." line per option). Write literal braces as {{ and }}."""
+    direct_max_pixels: PositiveInt | None = None
+    """Pixel budget of the image in direct mode; None = the model's own maximum (the image processor's
+    max_pixels, 12,845,056 = 16,384 visual tokens for Qwen2.5-VL): the full-resolution baseline. The paper's
+    direct numbers use 1280*28*28 = 1,003,520, the same budget as the MGPO overview."""
+    picture_samples: int = Field(16, ge=0)
+    """Questions drawn (with predicted crop and ground-truth boxes) in the evaluation picture; 0 = no picture."""
+
+    @field_validator("direct_template")
+    @classmethod
+    def _direct_placeholders(cls, text: str) -> str:
+        return _check_template(text, frozenset({"question", "choices"}))
 
     @field_validator("benchmarks")
     @classmethod
@@ -466,6 +558,7 @@ _SECTION_PATHS: dict[type[BaseModel], str] = {
     for name, field in MGPOConfig.model_fields.items()
     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 }
+_SECTION_PATHS[DataFilterConfig] = "data.filters"
 
 
 # ---------------------------------------------------------------- error wrapping

@@ -48,6 +48,13 @@ def _make_hf(**kwargs) -> RolloutEngine:  # noqa: ANN003
     return HFRolloutEngine(**kwargs)
 
 
+@register_engine("vllm")
+def _make_vllm(**kwargs) -> RolloutEngine:  # noqa: ANN003
+    from mgpo_core.rollout.vllm_engine import make_vllm_engine
+
+    return make_vllm_engine(**kwargs)
+
+
 __all__ = [
     "ENGINES",
     "GenerationRequest",

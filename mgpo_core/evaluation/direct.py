@@ -1,0 +1,130 @@
+"""The direct single-turn baseline: one image at the full-resolution budget, the question and its choices, one
+greedy answer, through any rollout engine's batched ``_generate``.
+
+This is the comparison users run MGPO against (no grounding turn, no crop). The image goes through the same
+size rule as an overview (`resize_for_model`) but with ``max_pixels`` = the direct budget, which defaults to
+the model's own maximum (`model_max_pixels`); the prompt is built from explicit special-token ids like the MGPO
+turns (`PromptBuilder`), so question text cannot inject control tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mgpo_core.data.schema import Sample, format_choices
+from mgpo_core.episodes import encode_image
+from mgpo_core.imaging import PROCESSOR_MAX_PIXELS, open_image, resize_for_model
+from mgpo_core.rollout.base import GenerationRequest, RolloutEngine, SamplingSpec
+
+__all__ = ["DirectOutput", "DirectPrompt", "direct_prompt_ids", "generate_direct", "model_max_pixels"]
+
+
+@dataclass(frozen=True)
+class DirectPrompt:
+    """Texts of the direct prompt: ``template`` is `str.format`-ed with {question} and {choices}."""
+
+    system_prompt: str
+    template: str
+    choices_header: str = "The choices are listed below:"
+
+    def user_text(self, sample: Sample) -> str:
+        choices = f"{self.choices_header}\n{format_choices(sample.choices)}"
+        return self.template.format(question=sample.question, choices=choices)
+
+
+@dataclass
+class DirectOutput:
+    """One direct answer: decoded text (special tokens dropped), token counts and the image as the model saw it.
+
+    ``image_size`` is ``(W, H)`` after resizing; ``visual_tokens`` = W·H / 28²; ``prompt_tokens`` includes them.
+    """
+
+    sample: Sample
+    text: str
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    visual_tokens: int
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+def model_max_pixels(image_processor: object) -> int:
+    """The largest image (in pixels) the model's processor accepts without downscaling it again.
+
+    Qwen2-VL-family processors keep it as ``max_pixels`` or in ``size["longest_edge"]`` (a pixel count despite
+    its name); 12,845,056 (16,384 visual tokens) when neither is set.
+    """
+    value = getattr(image_processor, "max_pixels", None)
+    if not value:
+        size = getattr(image_processor, "size", None)
+        value = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    return int(value) if value else PROCESSOR_MAX_PIXELS
+
+
+def direct_prompt_ids(
+    engine: RolloutEngine, prompt: DirectPrompt, sample: Sample, image_tokens: int
+) -> list[int]:
+    """``<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n<image>question+choices<|im_end|>\\n<|im_start|>assistant\\n``."""
+    b, s = engine.prompts, engine.special
+    nl = b.text_ids("\n")
+    system = [s.im_start, *b.text_ids("system\n"), *b.text_ids(prompt.system_prompt), s.im_end, *nl]
+    body = b.image_ids(image_tokens) + b.text_ids(prompt.user_text(sample))
+    user = [s.im_start, *b.text_ids("user\n"), *body, s.im_end, *nl]
+    return system + user + b.assistant_header()
+
+
+def generate_direct(
+    engine: RolloutEngine,
+    samples: Sequence[Sample],
+    prompt: DirectPrompt,
+    *,
+    max_new_tokens: int,
+    min_pixels: int,
+    max_pixels: int | None = None,
+    resample: str = "bicubic",
+    max_image_pixels: int = 100_000_000,
+) -> list[DirectOutput]:
+    """Greedy single-turn answers for ``samples``, one batched ``engine._generate`` call.
+
+    ``max_pixels`` None = :func:`model_max_pixels` of the engine's image processor (the full-resolution
+    budget). Originals are opened one at a time and closed; only the resized images live for the call.
+    """
+    budget = model_max_pixels(engine.image_processor) if max_pixels is None else max_pixels
+    if budget < min_pixels:
+        raise ValueError(
+            f"direct max_pixels={budget} is below min_pixels={min_pixels}; raise evaluation.direct_max_pixels "
+            "or lower rollout.min_pixels"
+        )
+    requests, meta = [], []
+    for sample in samples:
+        original = open_image(sample.image_path, max_image_pixels=max_image_pixels)
+        try:
+            image = resize_for_model(original, min_pixels=min_pixels, max_pixels=budget, resample=resample)
+            original_size = original.size
+        finally:
+            original.close()
+        encoded = encode_image(engine.image_processor, image)
+        ids = direct_prompt_ids(engine, prompt, sample, encoded.n_tokens)
+        requests.append(GenerationRequest(ids, [encoded], [image], max_new_tokens))
+        meta.append((sample, len(ids), encoded.n_tokens, image.size, original_size))
+    if not requests:
+        return []
+    results = engine._generate(requests, SamplingSpec(max_new_tokens, greedy=True, seed=0), 1)
+    outputs = []
+    for (sample, n_prompt, n_visual, size, original_size), res in zip(meta, results, strict=True):
+        r = res[0]
+        outputs.append(
+            DirectOutput(
+                sample=sample,
+                text=engine.tokenizer.decode(r.token_ids, skip_special_tokens=True),
+                finish_reason=r.finish_reason,
+                generated_tokens=len(r.token_ids),
+                prompt_tokens=n_prompt,
+                visual_tokens=n_visual,
+                image_size=size,
+                original_size=original_size,
+            )
+        )
+    return outputs

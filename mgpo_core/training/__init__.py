@@ -1,0 +1,1 @@
+"""MGPO training on DeepSpeed: the RL loop, exact-resume checkpoints, resilient MLflow metrics."""

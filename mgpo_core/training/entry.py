@@ -1,0 +1,75 @@
+"""Training entrypoint for ``python -m mgpo_core.training.entry`` (one process) or a ``deepspeed``/``torchrun``
+process group: ``--config <yaml> --run-dir <dir> [--mlflow-run-id ID]``. Writes ``<run-dir>/manifest.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mgpo_core.config import MGPOConfig, load_config
+from mgpo_core.data.schema import Sample
+
+
+def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
+    """``data.train_path`` (a dataset directory with samples.jsonl, or a JSONL file) or the synthetic train split."""
+    from mgpo_core.data.synthetic import read_samples_jsonl, write_synthetic_split
+
+    if cfg.data.train_path:
+        path = Path(cfg.data.train_path)
+        if path.is_dir():
+            path = path / "samples.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"data.train_path: {path} does not exist; run `mgpo data filter` first")
+        return read_samples_jsonl(path)
+    d = cfg.data
+    out = (
+        Path(cfg.state_dir)
+        / "data"
+        / f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}-train{d.synthetic_train}"
+    )
+    jsonl = out / "samples.jsonl"
+    if not jsonl.exists():
+        write_synthetic_split(
+            out,
+            d.synthetic_train,
+            seed=d.shuffle_seed,
+            width=d.synthetic_width,
+            height=d.synthetic_height,
+            split="train",
+        )
+    return read_samples_jsonl(jsonl)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="MGPO trainer (one rank)")
+    p.add_argument("--config", required=True, help="YAML written by save_config (or a preset name)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--mlflow-run-id", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = load_config(args.config, args.overrides)
+    from mgpo_core.training.trainer import MGPOTrainer
+
+    trainer = MGPOTrainer(
+        cfg,
+        args.run_dir,
+        load_training_samples(cfg),
+        mlflow_run_id=args.mlflow_run_id,
+        progress=not args.no_progress,
+    )
+    manifest = trainer.train()
+    if trainer.is_main:
+        print(json.dumps({k: v for k, v in manifest.items() if k != "final_metrics"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

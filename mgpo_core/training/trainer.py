@@ -1,0 +1,474 @@
+"""The MGPO training loop on DeepSpeed, readable top to bottom (one RL step = rollout → advantages → PPO update).
+
+Per step: draw prompts → two-turn rollouts (n per prompt) → rewards → GRPO advantages → old log-probs (recomputed)
+and reference log-probs (frozen initial model; skipped when ``kl_coef`` is 0) → PPO updates over mini-batches with
+micro-batch gradient accumulation → push weights to the rollout engine → metrics → checkpoint every k steps.
+Works as one plain process or as a rank of a ``deepspeed``/``torchrun`` process group (``RANK``/``WORLD_SIZE``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
+from mgpo_core.config import MGPOConfig, config_hash, flatten_config, save_config
+from mgpo_core.data.schema import Sample
+from mgpo_core.episodes import Episode, PromptTemplates
+from mgpo_core.logprobs import collate_episodes, token_logprobs
+from mgpo_core.modeling.loading import load_bundle, load_model, resolve_model_path
+from mgpo_core.rollout import RolloutEngine, RolloutSettings
+from mgpo_core.training import checkpoint as ckpt
+from mgpo_core.training.ds_config import build_ds_config
+from mgpo_core.training.metrics import logprob_gap, rollout_metrics
+from mgpo_core.training.rewards import get_reward
+from mgpo_core.training.sampler import PromptSampler, SamplerState, shard_for_rank
+from mgpo_core.training.tracking import MetricsSink, ensure_run, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def init_distributed() -> DistInfo:
+    """Join the launcher's process group, or make a one-process group for plain ``python``."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    )
+
+
+def resume_key(cfg: MGPOConfig) -> str:
+    """The config hash without what a resumed run may change: the step budget and the checkpoint settings."""
+    c = cfg.model_copy(deep=True)
+    c.algorithm.total_steps = 1
+    c.checkpoint = type(c.checkpoint)()
+    return config_hash(c)
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """Sampling seed of one rank's rollouts at one step: independent of when the run was (re)started."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _all_reduce_sum(x: float, device: torch.device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+class MGPOTrainer:
+    """Owns the DeepSpeed engine, the frozen reference model, the rollout engine, the sampler and the sink."""
+
+    def __init__(
+        self,
+        cfg: MGPOConfig,
+        run_dir: str | Path,
+        samples: Sequence[Sample],
+        *,
+        engine_factory: Callable[..., RolloutEngine] | None = None,
+        mlflow_run_id: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        import deepspeed
+
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.dist = init_distributed()
+        self.is_main = self.dist.rank == 0
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.algorithm.seed)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.ckpt_root)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.model_path = resolve_model_path(
+            cfg.model.path, cache_root=Path(cfg.state_dir) / "models", tiny_seed=cfg.model.tiny_seed
+        )
+        bundle = load_bundle(
+            self.model_path,
+            dtype=cfg.model.dtype,
+            device=str(self.device),
+            attn_implementation=cfg.model.attn_implementation,
+        )
+        self.tokenizer, self.special = bundle.tokenizer, bundle.special
+        model = bundle.model
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.ref_model = None
+        if cfg.algorithm.kl_coef > 0:  # the frozen INITIAL policy, also after a resume
+            self.ref_model = load_model(self.model_path, dtype=cfg.model.dtype, device=str(self.device))
+            self.ref_model.requires_grad_(False).eval()
+
+        o = cfg.optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=build_ds_config(cfg, self.dist.world),
+        )
+        self.policy = self.engine.module
+
+        templates, settings = PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg)
+        if engine_factory is None:
+            from mgpo_core.rollout.hf import HFRolloutEngine
+
+            self.rollout: RolloutEngine = HFRolloutEngine(
+                self.policy, self.tokenizer, bundle.image_processor, self.special, templates, settings
+            )
+        else:
+            self.rollout = engine_factory(
+                model_dir=self.model_path,
+                bundle=bundle,
+                templates=templates,
+                settings=settings,
+                policy=self.policy,
+            )
+        self.reward_fn = get_reward(cfg.algorithm.reward)
+        self.coefs = LossCoefficients(
+            kl_coef=cfg.algorithm.kl_coef,
+            entropy_coef=cfg.algorithm.entropy_coef,
+            clip_low=cfg.algorithm.clip_low,
+            clip_high=cfg.algorithm.clip_high,
+            kl_estimator=cfg.algorithm.kl_estimator,
+            kl_clamp=cfg.algorithm.kl_clamp,
+        )
+
+        self.step = 0
+        self.sampler = PromptSampler(samples, seed=cfg.algorithm.seed)
+        self.mlflow_run_id = mlflow_run_id or cfg.tracking.run_id
+        self.uri = resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)
+        self._resume()
+        self.sink: MetricsSink | None = None
+        if self.is_main:
+            self.mlflow_run_id = self._attach_run()
+            self.sink = MetricsSink(self.uri, self.mlflow_run_id, self.run_dir)
+
+    # -- set-up helpers ------------------------------------------------------------------------------------------
+    def _lr_lambda(self) -> Callable[[int], float]:
+        o, total = self.cfg.optimizer, self.cfg.algorithm.total_steps * self._optimizer_steps_per_rl_step()
+
+        def f(i: int) -> float:
+            if o.warmup_steps and i < o.warmup_steps:
+                return (i + 1) / o.warmup_steps
+            if o.scheduler == "constant":
+                return 1.0
+            frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
+            import math
+
+            return 0.5 * (1 + math.cos(math.pi * frac)) if o.scheduler == "cosine" else 1.0 - frac
+
+        return f
+
+    def _optimizer_steps_per_rl_step(self) -> int:
+        a = self.cfg.algorithm
+        return a.ppo_epochs * (a.prompts_per_step // a.mini_batch_prompts)
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return
+        state = ckpt.load_checkpoint(self.engine, latest, rank=self.dist.rank)
+        if state.get("resume_key") != resume_key(self.cfg):
+            raise RuntimeError(
+                f"{self.run_dir} holds a run made with another config (resume key {state.get('resume_key')} ≠ "
+                f"{resume_key(self.cfg)}); resume with the same config (only algorithm.total_steps and the "
+                "checkpoint settings may change) or start a new run directory"
+            )
+        self.step = int(state["step"])
+        self.sampler.state = SamplerState(**state["sampler"])
+        self.mlflow_run_id = self.mlflow_run_id or state.get("mlflow_run_id")
+        if self.is_main:
+            log.warning(
+                "resumed from %s: %d of %d steps done", latest, self.step, self.cfg.algorithm.total_steps
+            )
+
+    def _attach_run(self) -> str | None:
+        t = self.cfg.tracking
+        try:
+            run_id = ensure_run(
+                self.uri, t.experiment_name, self.cfg.run_name, self.cfg.state_dir, self.mlflow_run_id
+            )
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("MLflow run could not be created or reattached (%s); metrics stay local", e)
+            return self.mlflow_run_id
+        if run_id and self.step == 0:
+            try:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(self.uri)
+                from mlflow.entities import Param
+
+                params = [Param(k, v[:6000]) for k, v in flatten_config(self.cfg).items()]
+                for i in range(0, len(params), 90):
+                    client.log_batch(run_id, params=params[i : i + 90])
+                client.set_tag(run_id, "mgpo.config_hash", config_hash(self.cfg))
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not log parameters to MLflow (%s)", e)
+        return run_id
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        a = self.cfg.algorithm
+        bar = None
+        if self.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=a.total_steps, initial=self.step, desc="MGPO", unit="step", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        self.steps_run = 0
+        while self.step < a.total_steps:
+            t0 = time.perf_counter()
+            last = self.train_step()
+            self.step += 1
+            self.steps_run += 1
+            ckpt.fault_point("step-done", self.step)
+            timing_ckpt = 0.0
+            if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == a.total_steps:
+                tc = time.perf_counter()
+                self.save()
+                timing_ckpt = time.perf_counter() - tc
+            last["timing/checkpoint_s"] = timing_ckpt
+            last["timing/step_s"] = time.perf_counter() - t0
+            if self.sink is not None:
+                self.sink.log(last, self.step)
+            if bar is not None:
+                bar.set_postfix(
+                    reward=f"{last['reward/mean']:.3f}",
+                    valid_box=f"{last['rollout/valid_box_ratio']:.2f}",
+                    step_s=f"{last['timing/step_s']:.1f}",
+                )
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return self.finish(last)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algorithm
+        batch_prompts = self.sampler.next_batch(a.prompts_per_step)
+        mine = shard_for_rank(batch_prompts, self.dist.rank, self.dist.world)
+        m: dict[str, float] = {}
+
+        t = time.perf_counter()
+        self.rollout.wake()
+        episodes = self.rollout.generate_episodes(
+            mine, n=cfg.rollout.n, seed=rollout_seed(a.seed, self.step, self.dist.rank)
+        )
+        self.rollout.sleep()
+        m["timing/rollout_s"] = time.perf_counter() - t
+        for ep in episodes:
+            ep.reward = self.reward_fn(ep)
+        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
+        adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]), eps=a.adv_eps)
+        m.update(rollout_metrics(episodes, adv))
+
+        t = time.perf_counter()
+        old_logp, ref_logp = self._reference_logprobs(episodes)
+        m["timing/old_ref_logprobs_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        m.update(self._update(episodes, adv, old_logp, ref_logp))
+        m["timing/update_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if (
+            getattr(self.rollout, "model", None) is not self.policy
+        ):  # an HF engine on the policy itself shares it
+            self._sync_rollout_weights()
+        m["timing/weight_sync_s"] = time.perf_counter() - t
+
+        gen_tokens = sum(ep.turn_length(1) + ep.turn_length(2) for ep in episodes)
+        m["perf/generated_tokens_per_s"] = gen_tokens / max(m["timing/rollout_s"], 1e-9)
+        m["perf/peak_rss_mb"] = _peak_rss_mb()
+        if torch.cuda.is_available():
+            m["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        m["optim/lr"] = (
+            float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optimizer.lr
+        )
+        # Every rank's rollout metrics describe its own shard: average them over ranks.
+        if self.dist.world > 1:
+            keys = sorted(m)
+            vals = torch.tensor([m[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(vals)
+            m = {k: float(v) / self.dist.world for k, v in zip(keys, vals.tolist(), strict=True)}
+        return m
+
+    @torch.no_grad()
+    def _reference_logprobs(
+        self, episodes: list[Episode]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Old (current policy, before the update) and reference log-probs, one tensor per micro-batch."""
+        mb = self.cfg.algorithm.micro_batch_size
+        old, ref = [], []
+        self.policy.eval()
+        for i in range(0, len(episodes), mb):
+            chunk = episodes[i : i + mb]
+            batch = collate_episodes(chunk, self.policy, self.special.pad).to(self.device, self._dtype())
+            old.append(token_logprobs(self.policy, batch)[0].float())
+            ref.append(
+                token_logprobs(self.ref_model, batch)[0].float() if self.ref_model is not None else None
+            )
+        self.policy.train()
+        return old, ref
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.policy.parameters()).dtype
+
+    def _update(self, episodes, adv, old_logp, ref_logp) -> dict[str, float]:  # noqa: ANN001
+        a, n = self.cfg.algorithm, self.cfg.rollout.n
+        mb = a.micro_batch_size
+        per_rank_prompts = a.mini_batch_prompts // self.dist.world
+        mini_eps = per_rank_prompts * n
+        sums: dict[str, float] = {}
+        count = 0
+        gaps = []
+        grad_norms = []
+        for _epoch in range(a.ppo_epochs):
+            for start in range(0, len(episodes), mini_eps):
+                minibatch = range(start, min(start + mini_eps, len(episodes)))
+                local_tokens = float(sum(episodes[i].loss_mask.sum() for i in minibatch))
+                # DeepSpeed averages gradients over ranks: dividing by (global tokens / world) makes the
+                # update the token-mean over the whole mini-batch (every rank, every micro-batch).
+                normalizer = max(_all_reduce_sum(local_tokens, self.device) / self.dist.world, 1.0)
+                for mstart in range(minibatch.start, minibatch.stop, mb):
+                    idx = mstart // mb
+                    chunk = episodes[mstart : mstart + mb]
+                    batch = collate_episodes(chunk, self.policy, self.special.pad).to(
+                        self.device, self._dtype()
+                    )
+                    logp, ent = token_logprobs(
+                        self.engine.module, batch, with_entropy=self.coefs.entropy_coef > 0
+                    )
+                    loss, metrics = mgpo_loss(
+                        logp.float(),
+                        old_logp[idx],
+                        ref_logp[idx],
+                        adv[mstart : mstart + mb].to(self.device),
+                        batch.loss_mask,
+                        ent,
+                        self.coefs,
+                        normalizer=normalizer,
+                    )
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    self.engine.step()
+                    if _epoch == 0:
+                        gaps.append(logprob_gap(chunk, old_logp[idx].cpu(), batch.loss_mask.cpu()))
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                gn = self.engine.get_global_grad_norm()
+                if gn is not None:
+                    grad_norms.append(float(gn))
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        # loss/* values are each micro-batch's share of its mini-batch mean: sum per mini-batch, mean over them.
+        n_mini = max(1, a.ppo_epochs * (len(episodes) // max(mini_eps, 1)))
+        for k in list(out):
+            if k.startswith("loss/"):
+                out[k] = sums[k] / n_mini
+        out["optim/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+        out["rollout/logprob_gap"] = sum(gaps) / len(gaps) if gaps else 0.0
+        return out
+
+    def named_full_parameters(self):  # noqa: ANN201
+        """(HF name, full tensor) pairs; under ZeRO-3 each parameter is gathered from its shards in turn."""
+        import deepspeed
+
+        for name, p in self.policy.named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.data.detach().clone()
+            else:
+                yield name, p.data.detach()
+
+    def _sync_rollout_weights(self) -> None:
+        self.rollout.sync_weights(self.named_full_parameters())
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state.to_dict(),
+            "mlflow_run_id": self.mlflow_run_id,
+            "config_hash": config_hash(self.cfg),
+            "resume_key": resume_key(self.cfg),
+            "world_size": self.dist.world,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.engine,
+            self.ckpt_root,
+            self.step,
+            self.trainer_state(),
+            rank=self.dist.rank,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def export(self) -> Path | None:
+        """HF-format safetensors export of the current policy (rank 0 writes; ZeRO-3 gathers first)."""
+        out = self.run_dir / "hf_export"
+        state_dict = None
+        if self.cfg.deepspeed.zero_stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()
+        if self.is_main:
+            ckpt.export_hf(self.policy, self.model_path, out, state_dict=state_dict)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return out if self.is_main else None
+
+    def finish(self, last: dict[str, float]) -> dict[str, Any]:
+        export = self.export() if self.cfg.checkpoint.export_hf else None
+        manifest = {
+            "status": "completed",
+            "steps_done": self.step,
+            "steps_run_this_process": getattr(self, "steps_run", 0),
+            "total_steps": self.cfg.algorithm.total_steps,
+            "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)),
+            "hf_export": str(export) if export else None,
+            "mlflow_run_id": self.mlflow_run_id,
+            "tracking_uri": self.uri,
+            "config_hash": config_hash(self.cfg),
+            "world_size": self.dist.world,
+            "final_metrics": last,
+            "metrics_pending": bool(self.sink and not self.sink.flush()),
+        }
+        if self.is_main:
+            ckpt._atomic_write_text(self.run_dir / "manifest.json", json.dumps(manifest, indent=1))
+        return manifest
