@@ -75,7 +75,9 @@ def test_mean_reward_rises_on_a_learnable_task(tmp_path, tiny_bundle):
         if x
     ]
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
-    print(f"reward per step: {[round(r, 2) for r in rewards]}; first 6 mean {first:.3f}, last 6 mean {last:.3f}")
+    print(
+        f"reward per step: {[round(r, 2) for r in rewards]}; first 6 mean {first:.3f}, last 6 mean {last:.3f}"
+    )
     assert last > first + 0.25 and last > 0.8, f"reward did not rise: {[round(r, 2) for r in rewards]}"
 
 
@@ -180,3 +182,30 @@ def test_zero3_bf16_run_exports_a_loadable_hf_checkpoint(tmp_path):
     model = load_model(run_dir / "hf_export", dtype="float32")
     assert sum(p.numel() for p in model.parameters()) > 500_000
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_launch_streams_the_log_returns_the_manifest_and_reports_failures(tmp_path):
+    from mgpo_core.training.launch import TrainingFailed, launch_training
+
+    base = [
+        *SMALL,
+        f"state_dir={tmp_path}",
+        f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "algorithm.total_steps=1",
+        "algorithm.prompts_per_step=2",
+        "algorithm.mini_batch_prompts=2",
+        "algorithm.micro_batch_size=4",
+        "rollout.n=2",
+        "rollout.max_new_tokens_turn1=4",
+        "rollout.max_new_tokens_turn2=2",
+        "checkpoint.export_hf=false",
+    ]
+    lines: list[str] = []
+    manifest = launch_training(load_config("tiny-cpu", base), tmp_path / "ok", on_line=lines.append)
+    assert manifest["status"] == "completed" and manifest["steps_done"] == 1
+    assert any('"status": "completed"' in x for x in lines), "the trainer's output is streamed line by line"
+    assert (tmp_path / "ok" / "train.log").read_text().count("completed") >= 1
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    with pytest.raises(TrainingFailed, match="config.json"):
+        launch_training(load_config("tiny-cpu", [*base, f"model.path={empty}"]), tmp_path / "bad")

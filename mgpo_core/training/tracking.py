@@ -130,7 +130,7 @@ class MetricsSink:
         if not self._warned:
             warnings.warn(
                 f"{why}; training continues and metrics are kept in {self.pending_path} for later delivery "
-                f"(`mgpo train replay-metrics --run-dir {self.run_dir}`)",
+                f"(`mgpo replay-metrics --run-dir {self.run_dir} --tracking-uri URI --run-id ID`)",
                 RuntimeWarning,
                 stacklevel=3,
             )
