@@ -15,6 +15,7 @@ import torch
 
 from mgpo_core.config import load_config
 from mgpo_core.episodes import TURN1_TOKEN, Episode
+from mgpo_core.training.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +88,7 @@ def _torchrun(run_dir: Path, state: Path, extra: list[str], nproc: int = 2) -> s
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_port=0",
+        f"--master_port={free_port()}",
         "-m",
         "mgpo_core.training.entry",
         "--config",

@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args.config, args.overrides)
-    from mgpo_core.training.trainer import MGPOTrainer
+    from mgpo_core.training.trainer import MGPOTrainer, init_distributed, rank0_first
+
+    init_distributed()
+    samples = rank0_first(lambda: load_training_samples(cfg))  # rank 0 writes the synthetic set once
 
     trainer = MGPOTrainer(
         cfg,
         args.run_dir,
-        load_training_samples(cfg),
+        samples,
         mlflow_run_id=args.mlflow_run_id,
         progress=not args.no_progress,
     )

@@ -31,6 +31,14 @@ class TrainingFailed(RuntimeError):
         self.returncode, self.log_tail, self.run_dir = returncode, log_tail, run_dir
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def launch_command(cfg: MGPOConfig, config_path: Path, run_dir: Path, mlflow_run_id: str | None) -> list[str]:
     d = cfg.deepspeed
     entry = ["--config", str(config_path), "--run-dir", str(run_dir), "--no-progress"]

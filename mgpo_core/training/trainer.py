@@ -63,6 +63,18 @@ def init_distributed() -> DistInfo:
     )
 
 
+def rank0_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 first (it may build or download-free prepare shared files), then on the others."""
+    dist = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if dist and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return fn()
+    out = fn()
+    if dist:
+        torch.distributed.barrier()
+    return out
+
+
 def resume_key(cfg: MGPOConfig) -> str:
     """The config hash without what a resumed run may change: the step budget and the checkpoint settings."""
     c = cfg.model_copy(deep=True)
@@ -322,12 +334,13 @@ class MGPOTrainer:
         m["optim/lr"] = (
             float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optimizer.lr
         )
-        # Every rank's rollout metrics describe its own shard: average them over ranks.
+        # Every rank's metrics describe its own shard; ranks may even have different keys (reason codes seen,
+        # IoU only where crops exist): average each key over the ranks that have it.
         if self.dist.world > 1:
-            keys = sorted(m)
-            vals = torch.tensor([m[k] for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(vals)
-            m = {k: float(v) / self.dist.world for k, v in zip(keys, vals.tolist(), strict=True)}
+            gathered: list[dict[str, float]] = [{} for _ in range(self.dist.world)]
+            torch.distributed.all_gather_object(gathered, m)
+            keys = sorted({k for g in gathered for k in g})
+            m = {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
         return m
 
     @torch.no_grad()
@@ -449,6 +462,7 @@ class MGPOTrainer:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         if self.is_main:
             ckpt.export_hf(self.policy, self.model_path, out, state_dict=state_dict)
+            save_config(self.cfg, out / "mgpo_config.yaml")  # the prompts the policy was trained with
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return out if self.is_main else None

@@ -1,0 +1,70 @@
+"""Registration of an HF checkpoint in a real MLflow store: lineage tags, idempotence, champion/challenger."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mgpo_core.registry import CHALLENGER, CHAMPION, promote_if_better, register_checkpoint, tag_scores
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def _copy_with_change(src, dst, byte: int):  # noqa: ANN001, ANN202
+    shutil.copytree(src, dst)
+    (dst / "mgpo_note.txt").write_text(f"variant {byte}")  # a different checkpoint digest
+    return dst
+
+
+def test_register_is_idempotent_and_tags_lineage(tiny_dir, store):
+    tags = {"mgpo.git_sha": "abc123", "mgpo.config_hash": "c0ffee", "mgpo.dataset_hash": "d00d",
+            "mgpo.train_run_id": "r1"}
+    v1 = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags=tags)
+    again = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags=tags)
+    assert v1.created and not again.created and again.version == v1.version
+    client = MlflowClient(store)
+    mv = client.get_model_version("m", v1.version)
+    for k, v in tags.items():
+        assert mv.tags[k] == v
+    assert str(client.get_model_version_by_alias("m", CHALLENGER).version) == v1.version
+    assert len(client.search_model_versions("name='m'")) == 1
+
+
+def test_champion_moves_only_when_the_new_version_wins(tiny_dir, store, tmp_path):
+    metric = "eval/synthetic/overall"
+    a = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags={})
+    d = promote_if_better(store, "m", a.version, metric)
+    assert not d.promoted and "evaluate it first" in d.reason
+    tag_scores(store, "m", a.version, {metric: 0.40})
+    assert promote_if_better(store, "m", a.version, metric).promoted  # no champion yet
+    b = register_checkpoint(_copy_with_change(tiny_dir, tmp_path / "b", 1), tracking_uri=store, model_name="m",
+                            experiment="e", tags={})
+    tag_scores(store, "m", b.version, {metric: 0.35})
+    d = promote_if_better(store, "m", b.version, metric)
+    client = MlflowClient(store)
+    assert not d.promoted and str(client.get_model_version_by_alias("m", CHAMPION).version) == a.version
+    assert str(client.get_model_version_by_alias("m", CHALLENGER).version) == b.version
+    c = register_checkpoint(_copy_with_change(tiny_dir, tmp_path / "c", 2), tracking_uri=store, model_name="m",
+                            experiment="e", tags={})
+    tag_scores(store, "m", c.version, {metric: 0.41})
+    assert not promote_if_better(store, "m", c.version, metric, min_improvement=0.05).promoted
+    assert promote_if_better(store, "m", c.version, metric).promoted
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == c.version
+
+
+def test_registered_model_loads_and_answers(tiny_dir, store, synthetic_samples):
+    import mlflow.pyfunc
+
+    v = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags={})
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(f"models:/m/{v.version}")
+    s = synthetic_samples[0]
+    out = model.predict([{"image_path": s.image_path, "question": s.question, "choices": list(s.choices)}])
+    assert len(out) == 1 and (out[0] is None or out[0] in "ABCDEFGH")
