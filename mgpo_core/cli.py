@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-STAGE_CLIS = ("mgpo_core.data.cli", "mgpo_core.training.cli", "mgpo_core.evaluation.cli", "mgpo_core.pipeline_cli")
+STAGE_CLIS = ("mgpo_core.data.cli", "mgpo_core.training.cli", "mgpo_core.evaluation.cli", "flows.cli")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -163,21 +163,10 @@ def _logprob_gap(episodes, logp, mask) -> float:  # noqa: ANN001
     return float(d.mean()) if d.numel() else 0.0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    # Until the pipeline stages land, the main job is the two-turn rollout demo of the core library.
-    return cmd_demo(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgpo", description="MGPO pipeline for Qwen2.5-VL")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run the main job on the embedded default (tiny model, synthetic data)")
-    add_config_args(p)
-    p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--n", type=int, default=2)
-    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="two-turn rollout of the model on synthetic images, printed readably")
     add_config_args(p)

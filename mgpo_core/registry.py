@@ -104,6 +104,7 @@ def register_checkpoint(
     experiment: str,
     tags: dict[str, str],
     parent_run_id: str | None = None,
+    artifact_location: str | None = None,
 ) -> RegisteredVersion:
     """Register ``hf_dir`` as a new version of ``model_name`` (or return the version that already holds it)."""
     hf_dir = Path(hf_dir)
@@ -119,7 +120,7 @@ def register_checkpoint(
 
     mlflow.set_tracking_uri(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
     run_tags = {"mgpo.stage": "register", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{digest[:8]}", tags=run_tags) as run:
         mlflow.set_tags(tags)

@@ -27,7 +27,7 @@ from mgpo_core.data.schema import Sample
 from mgpo_core.episodes import Episode, PromptTemplates
 from mgpo_core.logprobs import collate_episodes, token_logprobs
 from mgpo_core.modeling.loading import load_bundle, load_model, resolve_model_path
-from mgpo_core.rollout import RolloutEngine, RolloutSettings
+from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_engine_name
 from mgpo_core.training import checkpoint as ckpt
 from mgpo_core.training.ds_config import build_ds_config
 from mgpo_core.training.metrics import logprob_gap, rollout_metrics
@@ -159,14 +159,17 @@ class MGPOTrainer:
         self.policy = self.engine.module
 
         templates, settings = PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg)
-        if engine_factory is None:
+        engine_name = resolve_engine_name(cfg.rollout.engine)
+        if engine_factory is None and engine_name == "hf":
             from mgpo_core.rollout.hf import HFRolloutEngine
 
             self.rollout: RolloutEngine = HFRolloutEngine(
                 self.policy, self.tokenizer, bundle.image_processor, self.special, templates, settings
             )
         else:
-            self.rollout = engine_factory(
+            factory = engine_factory or ENGINES[engine_name]
+            self.rollout = factory(
+                cfg=cfg,
                 model_dir=self.model_path,
                 bundle=bundle,
                 templates=templates,
@@ -188,6 +191,8 @@ class MGPOTrainer:
         self.mlflow_run_id = mlflow_run_id or cfg.tracking.run_id
         self.uri = resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)
         self._resume()
+        if self.step > 0 and getattr(self.rollout, "model", None) is not self.policy:
+            self._sync_rollout_weights()  # a separate engine starts from the base weights: push the resumed ones
         self.sink: MetricsSink | None = None
         if self.is_main:
             self.mlflow_run_id = self._attach_run()

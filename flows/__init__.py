@@ -1,0 +1,1 @@
+"""Prefect flows: the nightly MGPO pipeline and one flow per stage (they only wire tasks)."""

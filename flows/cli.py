@@ -1,0 +1,97 @@
+"""``mgpo run``: the whole pipeline on the embedded default (or any preset), with a closing summary.
+
+Lives beside the flows (not in ``mgpo_core``) because it imports Prefect. Prefect's environment is prepared
+before Prefect is imported: the local servers when ``mgpo servers up`` runs them, otherwise the ephemeral API
+with its state under the project's state folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
+    """Point Prefect and MLflow at the local servers when they run; returns (prefect_url, mlflow_url)."""
+    (Path(state_dir) / "prefect" / "storage").mkdir(parents=True, exist_ok=True)
+    try:
+        from mgpo_core.servers import active_endpoints, apply_prefect_env
+    except ImportError:  # servers module not installed: ephemeral API under the state folder
+        state = Path(state_dir).resolve()
+        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(state / "prefect" / "storage"))
+        os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+        return None, None
+    apply_prefect_env(state_dir)
+    ep = active_endpoints(state_dir)
+    return ep.prefect_api_url, ep.mlflow_uri
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mgpo_core.cli import load_from_args
+
+    cfg = load_from_args(args)  # validates the preset and overrides before anything starts
+    prefect_url, mlflow_url = _prepare_environment(cfg.state_dir)
+    overrides = list(args.overrides)
+    if mlflow_url and not cfg.tracking.mlflow_tracking_uri:
+        overrides.append(f"tracking.mlflow_tracking_uri={mlflow_url}")
+    if args.refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from flows.nightly import nightly
+
+    t0 = time.perf_counter()
+    summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+    print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
+    return 0
+
+
+def print_summary(
+    summary: dict, state_dir: str, prefect_url: str | None, mlflow_url: str | None, seconds: float
+) -> None:
+    state = Path(state_dir).resolve()
+    reg, ev, promo = summary["registration"], summary["evaluation"], summary["promotion"]
+    ds = summary["dataset"]
+    print(f"\n══ MGPO pipeline finished in {seconds:.0f} s ══")
+    rep = ds.get("report", {})
+    counts = {k: rep[k] for k in ("rows_in", "kept", "dropped") if k in rep}
+    print(f"dataset    {ds['dataset_dir']}  {counts}")
+    print(f"training   {summary['train']['steps_done']} RL steps, run dir {summary['train']['run_dir']}")
+    champ = "this version" if promo["promoted"] else f"v{promo['champion_before']} (unchanged)"
+    print(f"model      {reg['model_name']} v{reg['version']} (alias challenger); champion: {champ}")
+    print(f"           {promo['reason']}")
+    for k, v in sorted(ev["metrics"].items()):
+        if k.count("/") <= 2:
+            print(f"metric     {k} = {v:.4f}")
+    if ev.get("pictures"):
+        print(f"pictures   {ev['pictures'][0]}")
+    print(
+        f"MLflow UI  {mlflow_url or f'.venv/bin/mlflow ui --backend-store-uri sqlite:///{state}/mlflow.db'}"
+    )
+    print(
+        f"Prefect UI {prefect_url.removesuffix('/api') if prefect_url else '.venv/bin/mgpo servers up (then rerun: finished stages come from cache)'}"
+    )
+
+
+def register(sub) -> None:  # noqa: ANN001
+    from mgpo_core.cli import add_config_args
+
+    p = sub.add_parser("run", help="run the whole pipeline: filter → train → register → evaluate → promote")
+    add_config_args(p)
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        help="raw dataset input for the filter stage (repeatable; default: the synthetic set)",
+    )
+    p.add_argument("--refresh", action="store_true", help="ignore cached stage results and run every stage")
+    p.set_defaults(func=cmd_run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from mgpo_core.cli import main
+
+    sys.exit(main(["run", *sys.argv[1:]]))

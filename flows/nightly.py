@@ -1,0 +1,107 @@
+"""The nightly MGPO pipeline (filter → train → register → evaluate → promote) and one flow per stage.
+
+Flows only wire tasks. Parameters are a preset plus ``key=value`` overrides (and optional raw inputs for the
+filter stage); every task is cached on its inputs, so rerunning a failed nightly run executes only what failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.stages import (
+    evaluate_task,
+    filter_task,
+    pipeline_run_task,
+    promote_task,
+    register_task,
+    train_task,
+)
+
+
+def _report_markdown(dataset: dict[str, Any]) -> str:
+    path = dataset.get("report_md")
+    if path:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            pass
+    rep = dataset.get("report", {})
+    return "# Filter report\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in rep.items())
+
+
+@flow(name="mgpo-nightly", log_prints=True)
+def nightly(
+    preset: str = "tiny-cpu", overrides: list[str] | None = None, inputs: list[str] | None = None
+) -> dict:
+    """Run the whole pipeline; returns a summary (dataset, training, model version, scores, promotion)."""
+    overrides, inputs = list(overrides or []), list(inputs or [])
+    log = get_run_logger()
+    parent = pipeline_run_task(preset, overrides, inputs)
+    dataset = filter_task(preset, overrides, inputs, parent)
+    create_markdown_artifact(
+        _report_markdown(dataset), key="filter-report", description="Dataset filter report"
+    )
+    train = train_task(preset, overrides, dataset, parent)
+    reg = register_task(preset, overrides, train, parent)
+    ev = evaluate_task(preset, overrides, reg, dataset.get("eval_path"), parent)
+    create_table_artifact(
+        [{"metric": k, "value": round(v, 4)} for k, v in sorted(ev["metrics"].items())],
+        key="evaluation",
+        description=f"Evaluation of {reg['model_name']} v{reg['version']}",
+    )
+    promo = promote_task(preset, overrides, reg, ev)
+    summary = {
+        "pipeline_run_id": parent,
+        "dataset": dataset,
+        "train": {k: train.get(k) for k in ("run_dir", "steps_done", "mlflow_run_id", "hf_export")},
+        "registration": reg,
+        "evaluation": ev,
+        "promotion": promo,
+    }
+    log.info("pipeline done: %s v%s, promoted=%s", reg["model_name"], reg["version"], promo["promoted"])
+    return summary
+
+
+@flow(name="mgpo-filter")
+def filter_flow(
+    preset: str = "tiny-cpu", overrides: list[str] | None = None, inputs: list[str] | None = None
+) -> dict:
+    return filter_task(preset, list(overrides or []), list(inputs or []), None)
+
+
+@flow(name="mgpo-train")
+def train_flow(dataset_dir: str, preset: str = "tiny-cpu", overrides: list[str] | None = None) -> dict:
+    from pathlib import Path
+
+    return train_task(
+        preset,
+        list(overrides or []),
+        {"dataset_dir": dataset_dir, "dataset_hash": Path(dataset_dir).name},
+        None,
+    )
+
+
+@flow(name="mgpo-register")
+def register_flow(
+    hf_export: str, dataset_hash: str = "", preset: str = "tiny-cpu", overrides: list[str] | None = None
+) -> dict:
+    return register_task(
+        preset, list(overrides or []), {"hf_export": hf_export, "dataset_hash": dataset_hash}, None
+    )
+
+
+@flow(name="mgpo-evaluate")
+def evaluate_flow(
+    model_name: str,
+    version: str,
+    hf_export: str,
+    eval_path: str | None = None,
+    preset: str = "tiny-cpu",
+    overrides: list[str] | None = None,
+) -> dict:
+    reg = {"model_name": model_name, "version": version, "hf_export": hf_export}
+    return evaluate_task(preset, list(overrides or []), reg, eval_path, None)

@@ -1,0 +1,98 @@
+"""What every stage task shares: config from flow parameters, cache keys, retry policy, execution records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mgpo_core.config import ConfigError, MGPOConfig, load_config
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cfg(preset: str, overrides: list[str]) -> MGPOConfig:
+    return load_config(preset, overrides)
+
+
+def source_digest() -> str:
+    """Code version for cache keys: a digest of the Python sources of mgpo_core, tasks and flows.
+
+    Unlike a git sha it also changes with uncommitted edits, and it is the same on every clone of a commit.
+    """
+    h = hashlib.sha256()
+    for pkg in ("mgpo_core", "tasks", "flows"):
+        for f in sorted((SOURCE_ROOT / pkg).rglob("*.py")):
+            h.update(f.relative_to(SOURCE_ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_sha() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "-C", str(SOURCE_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def stage_cache_key(stage: str):  # noqa: ANN201
+    """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version.
+
+    The inputs carry the config hash, the dataset content hash and the base-model reference, so a rerun of the
+    nightly flow with the same inputs returns finished stages from the persisted results.
+    """
+
+    def key(_ctx, params: dict[str, Any]) -> str:  # noqa: ANN001
+        return f"mgpo-{stage}-{digest(stage, params, source_digest())}"
+
+    return key
+
+
+# Errors a retry cannot fix: the input or the configuration must change first.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, NotADirectoryError)
+
+
+def retry_unless_config_error(task, task_run, state) -> bool:  # noqa: ANN001
+    """Prefect ``retry_condition_fn``: retry transient failures, never configuration errors."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001
+        exc = e
+    names = {"ModelPathError", "DataInputError"}
+    return not (isinstance(exc, PERMANENT_ERRORS) or type(exc).__name__ in names)
+
+
+def record_execution(cfg: MGPOConfig, stage: str, **info: Any) -> None:
+    """Append one line per executed (not cached) stage body to ``<state_dir>/pipeline/executions.jsonl``."""
+    path = Path(cfg.state_dir) / "pipeline" / "executions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"stage": stage, "time": dt.datetime.now(dt.UTC).isoformat(), "pid": os.getpid(), **info}
+    with path.open("a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def maybe_inject_failure(stage: str) -> None:
+    """Test hook: ``MGPO_FAIL_STAGE=<stage>`` makes that stage fail (a transient-looking error)."""
+    if os.environ.get("MGPO_FAIL_STAGE") == stage:
+        raise RuntimeError(f"injected failure in stage {stage!r} (MGPO_FAIL_STAGE)")
+
+
+def tracking_uri(cfg: MGPOConfig) -> str:
+    from mgpo_core.training.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)

@@ -1,0 +1,317 @@
+"""The pipeline's Prefect tasks: thin, retriable, cached shells over ``mgpo_core`` (small manifests in and out).
+
+Cache keys come from each stage's inputs (config hash, dataset content hash, base-model reference, checkpoint
+digest) plus the code version, and results are persisted, so rerunning the nightly flow returns the finished
+stages from cache and executes only what failed. Training additionally resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from tasks.common import (
+    digest,
+    git_sha,
+    load_cfg,
+    maybe_inject_failure,
+    record_execution,
+    retry_unless_config_error,
+    stage_cache_key,
+    tracking_uri,
+)
+
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_config_error)
+
+
+def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> str:  # noqa: ANN001
+    """An MLflow run nested under the pipeline run (so the lineage is browsable in the UI)."""
+    from mlflow.tracking import MlflowClient
+
+    from mgpo_core.training.tracking import artifact_root
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir)
+        )
+    )
+    tags = {"mgpo.stage": stage}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+@task(name="pipeline-run", cache_key_fn=stage_cache_key("pipeline-run"), persist_result=True)
+def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> str:
+    """The MLflow parent run of one pipeline execution (cached: a rerun attaches to the same parent)."""
+    cfg = load_cfg(preset, overrides)
+    from mgpo_core.config import config_hash
+
+    run_id = _start_child_run(cfg, None, f"pipeline-{cfg.run_name}", "pipeline")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    client.set_tag(run_id, "mgpo.config_hash", config_hash(cfg))
+    client.set_tag(run_id, "mgpo.git_sha", git_sha())
+    return run_id
+
+
+@task(
+    name="filter",
+    cache_key_fn=stage_cache_key("filter"),
+    persist_result=True,
+    timeout_seconds=6 * 3600,
+    **RETRY,
+)
+def filter_task(
+    preset: str, overrides: list[str], inputs: list[str], parent_run_id: str | None
+) -> dict[str, Any]:
+    """Filter the raw inputs (default: generate the synthetic set) into a content-addressed dataset directory."""
+    from mgpo_core.data.stage import run_filter_stage
+    from mgpo_core.data.synthetic import write_synthetic_split
+
+    log = get_run_logger()
+    cfg = load_cfg(preset, overrides)
+    maybe_inject_failure("filter")
+    record_execution(cfg, "filter")
+    state = Path(cfg.state_dir)
+    eval_path = cfg.data.eval_path
+    if not inputs:
+        d = cfg.data
+        base = state / "data" / f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}"
+        train = write_synthetic_split(
+            base / "train",
+            d.synthetic_train,
+            seed=d.shuffle_seed,
+            width=d.synthetic_width,
+            height=d.synthetic_height,
+            split="train",
+        )
+        ev = write_synthetic_split(
+            base / "eval",
+            d.synthetic_eval,
+            seed=d.shuffle_seed,
+            width=d.synthetic_width,
+            height=d.synthetic_height,
+            split="eval",
+        )
+        inputs, eval_path = [str(train)], eval_path or str(ev)
+        log.info(
+            "no inputs given: generated the synthetic set (%d train, %d eval)",
+            d.synthetic_train,
+            d.synthetic_eval,
+        )
+    result = run_filter_stage(cfg, inputs, state / "datasets", progress=False)
+    rep = result.report
+    log.info("filter: %s", json.dumps({k: rep.get(k) for k in ("rows_in", "kept", "dropped") if k in rep}))
+    if parent_run_id:
+        _log_filter_run(cfg, parent_run_id, result)
+    return {
+        "dataset_dir": str(result.dataset_dir),
+        "dataset_hash": result.dataset_dir.name,
+        "eval_path": eval_path,
+        "report": {k: v for k, v in rep.items() if isinstance(v, int | float | str | dict)},
+        "report_md": str(next(iter(result.dataset_dir.glob("report*.md")), "")),
+    }
+
+
+def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
+    from mlflow.tracking import MlflowClient
+
+    run_id = _start_child_run(cfg, parent_run_id, "filter", "filter")
+    client = MlflowClient(tracking_uri(cfg))
+    for k, v in result.report.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            client.log_metric(run_id, f"data/{k}", float(v))
+    client.set_tag(run_id, "mgpo.dataset_hash", result.dataset_dir.name)
+    for f in result.dataset_dir.glob("report*"):
+        client.log_artifact(run_id, str(f), "filter_report")
+    client.set_terminated(run_id)
+
+
+@task(
+    name="train",
+    cache_key_fn=stage_cache_key("train"),
+    persist_result=True,
+    timeout_seconds=3 * 24 * 3600,
+    **RETRY,
+)
+def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], parent_run_id: str | None) -> dict:
+    """Launch the DeepSpeed process group on the filtered dataset; a retry resumes from the last checkpoint."""
+    from mgpo_core.config import config_hash
+    from mgpo_core.training.launch import launch_training
+
+    log = get_run_logger()
+    cfg = load_cfg(preset, [*overrides, f"data.train_path={dataset['dataset_dir']}"])
+    maybe_inject_failure("train")
+    record_execution(cfg, "train")
+    # The run directory is a function of the stage inputs: a retry (or a rerun after a crash) resumes there.
+    run_dir = (
+        Path(cfg.state_dir) / "runs" / f"{cfg.run_name}-{digest(config_hash(cfg), dataset['dataset_hash'])}"
+    )
+    state_file = run_dir / "mlflow_run_id"
+    if state_file.exists():
+        mlflow_run_id = state_file.read_text().strip()
+    else:
+        mlflow_run_id = _start_child_run(cfg, parent_run_id, "train", "train")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(mlflow_run_id)
+    manifest = launch_training(cfg, run_dir, mlflow_run_id=mlflow_run_id, on_line=log.info)
+    manifest["run_dir"] = str(run_dir)
+    manifest["dataset_hash"] = dataset["dataset_hash"]
+    return manifest
+
+
+@task(
+    name="register",
+    cache_key_fn=stage_cache_key("register"),
+    persist_result=True,
+    timeout_seconds=3600,
+    **RETRY,
+)
+def register_task(
+    preset: str, overrides: list[str], train: dict[str, Any], parent_run_id: str | None
+) -> dict:
+    """Register the exported checkpoint as a model version (alias ``challenger``) with lineage tags."""
+    from mgpo_core.config import config_hash
+    from mgpo_core.registry import register_checkpoint
+
+    cfg = load_cfg(preset, overrides)
+    maybe_inject_failure("register")
+    record_execution(cfg, "register")
+    v = register_checkpoint(
+        train["hf_export"],
+        tracking_uri=tracking_uri(cfg),
+        model_name=cfg.tracking.registered_model_name,
+        experiment=cfg.tracking.experiment_name,
+        tags={
+            "mgpo.git_sha": git_sha(),
+            "mgpo.config_hash": config_hash(cfg),
+            "mgpo.dataset_hash": train["dataset_hash"],
+            "mgpo.train_run_id": train.get("mlflow_run_id") or "",
+            "mgpo.base_model": cfg.model.path or f"tiny-seed{cfg.model.tiny_seed}",
+        },
+        parent_run_id=parent_run_id,
+    )
+    return {
+        "model_name": v.name,
+        "version": v.version,
+        "run_id": v.run_id,
+        "created": v.created,
+        "hf_export": train["hf_export"],
+    }
+
+
+@task(
+    name="evaluate",
+    cache_key_fn=stage_cache_key("evaluate"),
+    persist_result=True,
+    timeout_seconds=12 * 3600,
+    **RETRY,
+)
+def evaluate_task(
+    preset: str,
+    overrides: list[str],
+    registration: dict[str, Any],
+    eval_path: str | None,
+    parent_run_id: str | None,
+) -> dict[str, Any]:
+    """Evaluate the registered version on every configured benchmark; scores go to MLflow and onto the version."""
+    from mgpo_core.evaluation.mlflow_log import log_eval_results
+    from mgpo_core.evaluation.runner import evaluate
+
+    log = get_run_logger()
+    cfg = load_cfg(preset, overrides)
+    maybe_inject_failure("evaluate")
+    record_execution(cfg, "evaluate", version=registration["version"])
+    out_root = Path(cfg.state_dir) / "eval" / f"{registration['model_name']}-v{registration['version']}"
+    engine = make_engine(cfg, registration["hf_export"])
+    results = []
+    try:
+        for bench in cfg.evaluation.benchmarks:
+            data_path = cfg.evaluation.data_paths.get(bench) or (eval_path if bench == "synthetic" else None)
+            res = evaluate(
+                cfg,
+                bench,
+                engine,
+                out_root / bench,
+                limit=cfg.evaluation.limit,
+                mode=cfg.evaluation.mode,
+                data_path=data_path,
+                progress=False,
+            )
+            log.info("eval %s: %s", bench, json.dumps(res.metrics))
+            results.append(res)
+    finally:
+        engine.close()
+    run_id = _start_child_run(cfg, parent_run_id, f"evaluate-v{registration['version']}", "evaluate")
+    log_eval_results(
+        results,
+        tracking_uri=tracking_uri(cfg),
+        run_id=run_id,
+        model_name=registration["model_name"],
+        model_version=registration["version"],
+    )
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(cfg)).set_terminated(run_id)
+    metrics: dict[str, float] = {}
+    for r in results:
+        metrics.update(r.prefixed())
+    return {
+        "metrics": metrics,
+        "run_id": run_id,
+        "out_dir": str(out_root),
+        "pictures": [str(r.picture_path) for r in results if r.picture_path],
+    }
+
+
+def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
+    """The configured rollout engine on a checkpoint directory (``auto``: vLLM when importable)."""
+    from mgpo_core.episodes import PromptTemplates
+    from mgpo_core.modeling.loading import load_bundle
+    from mgpo_core.rollout import ENGINES, RolloutSettings, resolve_engine_name
+
+    name = resolve_engine_name(cfg.rollout.engine)
+    bundle = load_bundle(model_dir, dtype=cfg.model.dtype)
+    templates, settings = PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg)
+    if name == "hf":
+        from mgpo_core.rollout.hf import HFRolloutEngine
+
+        return HFRolloutEngine(
+            bundle.model, bundle.tokenizer, bundle.image_processor, bundle.special, templates, settings
+        )
+    return ENGINES[name](cfg=cfg, model_dir=model_dir, bundle=bundle, templates=templates, settings=settings)
+
+
+@task(name="promote", timeout_seconds=600, **RETRY)
+def promote_task(preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict) -> dict:
+    """Move ``champion`` to the new version only if it beats the current champion on the configured metric."""
+    from mgpo_core.registry import promote_if_better
+
+    cfg = load_cfg(preset, overrides)
+    record_execution(cfg, "promote", version=registration["version"])
+    d = promote_if_better(
+        tracking_uri(cfg),
+        registration["model_name"],
+        registration["version"],
+        cfg.evaluation.promotion_metric,
+        min_improvement=cfg.evaluation.min_improvement,
+    )
+    get_run_logger().info("promotion: %s", d.reason)
+    return {
+        "promoted": d.promoted,
+        "version": d.version,
+        "champion_before": d.champion_before,
+        "metric": d.metric,
+        "new_score": d.new_score,
+        "champion_score": d.champion_score,
+        "reason": d.reason,
+    }
