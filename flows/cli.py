@@ -17,6 +17,10 @@ from pathlib import Path
 def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
     """Point Prefect and MLflow at the local servers when they run; returns (prefect_url, mlflow_url)."""
     (Path(state_dir) / "prefect" / "storage").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault(
+        "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
+    )  # its telemetry row races SQLite at start
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the pipeline's log about the pipeline
     try:
         from mgpo_core.servers import active_endpoints, apply_prefect_env
     except ImportError:  # servers module not installed: ephemeral API under the state folder
@@ -55,9 +59,11 @@ def print_summary(
     reg, ev, promo = summary["registration"], summary["evaluation"], summary["promotion"]
     ds = summary["dataset"]
     print(f"\n══ MGPO pipeline finished in {seconds:.0f} s ══")
-    rep = ds.get("report", {})
-    counts = {k: rep[k] for k in ("rows_in", "kept", "dropped") if k in rep}
-    print(f"dataset    {ds['dataset_dir']}  {counts}")
+    counts = ds.get("report", {}).get("counts", {})
+    print(
+        f"dataset    {ds['dataset_dir']}  rows in {counts.get('in')}, kept {counts.get('kept')}, "
+        f"dropped {counts.get('dropped')}"
+    )
     print(f"training   {summary['train']['steps_done']} RL steps, run dir {summary['train']['run_dir']}")
     champ = "this version" if promo["promoted"] else f"v{promo['champion_before']} (unchanged)"
     print(f"model      {reg['model_name']} v{reg['version']} (alias challenger); champion: {champ}")

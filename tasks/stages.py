@@ -8,6 +8,7 @@ stages from cache and executes only what failed. Training additionally resumes f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ from tasks.common import (
     tracking_uri,
 )
 
-RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_config_error)
+# MGPO_TASK_RETRIES overrides the retry count (tests of failure handling set 0).
+RETRY = dict(
+    retries=int(os.environ.get("MGPO_TASK_RETRIES", "2")),
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_config_error,
+)
 
 
 def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> str:  # noqa: ANN001
@@ -79,8 +85,8 @@ def filter_task(
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
-    maybe_inject_failure("filter")
     record_execution(cfg, "filter")
+    maybe_inject_failure("filter")
     state = Path(cfg.state_dir)
     eval_path = cfg.data.eval_path
     if not inputs:
@@ -110,7 +116,11 @@ def filter_task(
         )
     result = run_filter_stage(cfg, inputs, state / "datasets", progress=False)
     rep = result.report
-    log.info("filter: %s", json.dumps({k: rep.get(k) for k in ("rows_in", "kept", "dropped") if k in rep}))
+    log.info(
+        "filter: %s; dropped by reason %s",
+        json.dumps(rep.get("counts")),
+        json.dumps(rep.get("dropped_by_reason")),
+    )
     if parent_run_id:
         _log_filter_run(cfg, parent_run_id, result)
     return {
@@ -127,9 +137,10 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
 
     run_id = _start_child_run(cfg, parent_run_id, "filter", "filter")
     client = MlflowClient(tracking_uri(cfg))
-    for k, v in result.report.items():
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            client.log_metric(run_id, f"data/{k}", float(v))
+    for k, v in result.report.get("counts", {}).items():
+        client.log_metric(run_id, f"data/{k}", float(v))
+    for k, v in result.report.get("dropped_by_reason", {}).items():
+        client.log_metric(run_id, f"data/dropped/{k}", float(v))
     client.set_tag(run_id, "mgpo.dataset_hash", result.dataset_dir.name)
     for f in result.dataset_dir.glob("report*"):
         client.log_artifact(run_id, str(f), "filter_report")
@@ -150,8 +161,8 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
 
     log = get_run_logger()
     cfg = load_cfg(preset, [*overrides, f"data.train_path={dataset['dataset_dir']}"])
-    maybe_inject_failure("train")
     record_execution(cfg, "train")
+    maybe_inject_failure("train")
     # The run directory is a function of the stage inputs: a retry (or a rerun after a crash) resumes there.
     run_dir = (
         Path(cfg.state_dir) / "runs" / f"{cfg.run_name}-{digest(config_hash(cfg), dataset['dataset_hash'])}"
@@ -184,8 +195,8 @@ def register_task(
     from mgpo_core.registry import register_checkpoint
 
     cfg = load_cfg(preset, overrides)
-    maybe_inject_failure("register")
     record_execution(cfg, "register")
+    maybe_inject_failure("register")
     v = register_checkpoint(
         train["hf_export"],
         tracking_uri=tracking_uri(cfg),
@@ -229,8 +240,8 @@ def evaluate_task(
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
-    maybe_inject_failure("evaluate")
     record_execution(cfg, "evaluate", version=registration["version"])
+    maybe_inject_failure("evaluate")
     out_root = Path(cfg.state_dir) / "eval" / f"{registration['model_name']}-v{registration['version']}"
     engine = make_engine(cfg, registration["hf_export"])
     results = []

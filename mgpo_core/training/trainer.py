@@ -467,7 +467,11 @@ class MGPOTrainer:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         if self.is_main:
             ckpt.export_hf(self.policy, self.model_path, out, state_dict=state_dict)
-            save_config(self.cfg, out / "mgpo_config.yaml")  # the prompts the policy was trained with
+            # The prompts the policy was trained with (no paths: the export's digest must not depend on them).
+            import yaml
+
+            prompts = {k: self.cfg.model_dump(mode="json")[k] for k in ("rollout", "grounding")}
+            (out / "mgpo_config.yaml").write_text(yaml.safe_dump(prompts, sort_keys=True))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return out if self.is_main else None
