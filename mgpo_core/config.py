@@ -460,6 +460,10 @@ class EvaluationConfig(_Section):
 
     benchmarks: list[str] = Field(default_factory=lambda: ["synthetic"], min_length=1)
     """Benchmark names from the benchmark registry, evaluated in this order."""
+    data_paths: dict[str, str] = Field(default_factory=dict)
+    """Data file or folder per benchmark name, e.g. {vstar: /data/vstar_bench, hrbench_8k:
+    /data/hr_bench_8k.tsv}; a benchmark missing here reads `data.eval_path` (the synthetic one generates its
+    set when both are unset). `mgpo eval --data` overrides it for a single benchmark."""
     mode: Literal["mgpo", "direct"] = "mgpo"
     """"mgpo" runs the two-turn grounding episode; "direct" asks for the answer in one turn."""
     limit: PositiveInt | None = None
@@ -878,7 +882,7 @@ def flatten_config(cfg: MGPOConfig) -> dict[str, str]:
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:  # an empty mapping field (evaluation.data_paths) is itself a leaf
             for key, value in node.items():
                 walk(value, f"{prefix}.{key}" if prefix else key)
         else:

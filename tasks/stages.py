@@ -286,20 +286,9 @@ def evaluate_task(
 
 def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
     """The configured rollout engine on a checkpoint directory (``auto``: vLLM when importable)."""
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.modeling.loading import load_bundle
-    from mgpo_core.rollout import ENGINES, RolloutSettings, resolve_engine_name
+    from mgpo_core.evaluation.cli import build_engine
 
-    name = resolve_engine_name(cfg.rollout.engine)
-    bundle = load_bundle(model_dir, dtype=cfg.model.dtype)
-    templates, settings = PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg)
-    if name == "hf":
-        from mgpo_core.rollout.hf import HFRolloutEngine
-
-        return HFRolloutEngine(
-            bundle.model, bundle.tokenizer, bundle.image_processor, bundle.special, templates, settings
-        )
-    return ENGINES[name](cfg=cfg, model_dir=model_dir, bundle=bundle, templates=templates, settings=settings)
+    return build_engine(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_dir})}))
 
 
 @task(name="promote", timeout_seconds=600, **RETRY)

@@ -1,5 +1,5 @@
-"""Answer extraction: the documented precedence, adversarial outputs (several letters, lower case, letters inside
-words, option text) and multi-turn behaviour."""
+"""Answer extraction: the documented precedence, adversarial outputs (several letters, lower case, letters
+inside words, option text) and multi-turn behaviour."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Benchmark aggregations against hand-computed values, grounding metrics, the registry, prompt conventions and
-the deterministic --limit subsample."""
+"""Benchmark aggregations against hand-computed values, grounding metrics, the registry, prompt conventions
+and the deterministic --limit subsample."""
 
 from __future__ import annotations
 
@@ -117,13 +117,15 @@ def test_missing_label_names_the_question_the_key_and_the_reader_fix() -> None:
 def test_metric_key_makes_label_values_safe_metric_name_parts() -> None:
     assert metric_key("Remote Sensing/Position") == "remote_sensing_position"
     assert metric_key("  ") == "unknown"
-    assert group_counts([_o(True, task="A"), _o(False, task="A"), _o(True, task="B")]) == {"task": {"A": 2, "B": 1}}
+    assert group_counts([_o(True, task="A"), _o(False, task="A"), _o(True, task="B")]) == {
+        "task": {"A": 2, "B": 1}
+    }
 
 
 # ------------------------------------------------------------------------------------------- grounding
 
 
-def _g(box, valid=True, reason="ok") -> GroundingResult:  # noqa: ANN001
+def _g(box, valid=True, reason="ok") -> GroundingResult:
     return GroundingResult(box, valid, reason, "fenced_json" if box else "", None, None)
 
 
@@ -171,7 +173,7 @@ def test_aggregate_grounding_hand_computed() -> None:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def _sample(i: int | str, question: str = "What colour?", choices=("red", "blue")) -> Sample:  # noqa: ANN001
+def _sample(i: int | str, question: str = "What colour?", choices=("red", "blue")) -> Sample:
     return Sample(id=str(i), image_path="x.png", question=question, choices=tuple(choices), answer="A")
 
 
@@ -184,8 +186,9 @@ def test_builtin_benchmarks_are_registered_by_name() -> None:
 
 def test_registry_refuses_duplicates_and_suggests_close_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "BENCHMARKS", dict(registry.BENCHMARKS))
-    spec = BenchmarkSpec("my_bench", "one small spec", read=lambda ctx: [], labels=lambda s: {},
-                         aggregate=vstar_scores)
+    spec = BenchmarkSpec(
+        "my_bench", "one small spec", read=lambda ctx: [], labels=lambda s: {}, aggregate=vstar_scores
+    )
     register_benchmark(spec)
     assert get_benchmark("my_bench") is spec
     with pytest.raises(ValueError, match="already registered"):

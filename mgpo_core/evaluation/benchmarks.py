@@ -165,7 +165,7 @@ def _synthetic_labels(sample: Sample) -> Mapping[str, str]:
 BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
     BenchmarkSpec(
         name="vstar",
-        description="V* Bench: 191 questions (115 direct attributes, 76 relative position); overall + per category",
+        description="V* Bench: 191 questions (115 direct attributes, 76 relative position); per category",
         read=_read_vstar,
         labels=_vstar_labels,
         aggregate=vstar_scores,
@@ -209,11 +209,12 @@ BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
     ),
     BenchmarkSpec(
         name="synthetic",
-        description="Synthetic V*-style set (generated locally): accuracy and grounding against the target box",
+        description="Synthetic V*-style set (generated locally): accuracy and grounding vs the target",
         read=_read_synthetic,
         labels=_synthetic_labels,
         aggregate=synthetic_scores,
         has_gt_boxes=True,
+        needs_data=False,
         data_hint=SYNTHETIC_HINT,
     ),
 )

@@ -24,7 +24,8 @@ __all__ = ["build_engine", "cmd_eval", "default_tracking_uri", "register"]
 
 
 def default_tracking_uri(cfg: MGPOConfig) -> str:
-    """``tracking.mlflow_tracking_uri``, else the local SQLite store ``<state_dir>/mlflow.db`` (as training)."""
+    """``tracking.mlflow_tracking_uri``, else the local SQLite store ``<state_dir>/mlflow.db`` (as training
+    uses)."""
     if cfg.tracking.mlflow_tracking_uri:
         return cfg.tracking.mlflow_tracking_uri
     state = Path(cfg.state_dir).resolve()
@@ -45,10 +46,6 @@ def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
     path = resolve_model_path(
         cfg.model.path, cache_root=Path(cfg.state_dir) / "models", tiny_seed=cfg.model.tiny_seed
     )
-    common: dict[str, Any] = {
-        "templates": PromptTemplates.from_config(cfg.rollout),
-        "settings": RolloutSettings.from_config(cfg),
-    }
     if engine == "hf":
         bundle = load_bundle(
             path,
@@ -61,11 +58,35 @@ def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
             tokenizer=bundle.tokenizer,
             image_processor=bundle.image_processor,
             special=bundle.special,
+            templates=PromptTemplates.from_config(cfg.rollout),
+            settings=RolloutSettings.from_config(cfg),
             batch_size=cfg.evaluation.batch_size,
-            **common,
         )
-    # Other engines load the checkpoint themselves from its directory (vLLM does).
-    return ENGINES[engine](model_path=str(path), cfg=cfg, **common)
+    # Other engines (vLLM) load the weights themselves from the directory: only the text/image pieces here.
+    from transformers import AutoConfig
+
+    from mgpo_core.evaluation.direct import model_max_pixels
+    from mgpo_core.modeling.loading import (
+        load_image_processor,
+        load_tokenizer,
+        model_vocab_size,
+        special_tokens_from,
+    )
+
+    tokenizer = load_tokenizer(path)
+    image_processor = load_image_processor(path)
+    rows = model_vocab_size(AutoConfig.from_pretrained(path, local_files_only=True))
+    # vLLM re-applies smart_resize with these bounds; it is the identity on our 28-multiple images as long as
+    # the upper bound also admits the direct mode's full-resolution image, not only the MGPO overview.
+    direct = cfg.evaluation.direct_max_pixels or model_max_pixels(image_processor)
+    return ENGINES[engine](
+        model_dir=path,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        special=special_tokens_from(tokenizer, rows),
+        cfg=cfg,
+        mm_processor_kwargs={"min_pixels": 28 * 28, "max_pixels": max(cfg.rollout.max_pixels, direct)},
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,6 +115,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    for spec in specs:
+        data = args.data or cfg.evaluation.data_paths.get(spec.name, cfg.data.eval_path)
+        if spec.needs_data and data is None:
+            print(
+                f"mgpo eval: benchmark {spec.name!r} needs its data: pass --data PATH; {spec.data_hint}",
+                file=sys.stderr,
+            )
+            return 2
     mode = args.mode or cfg.evaluation.mode
     limit = args.limit if args.limit is not None else cfg.evaluation.limit
     out_root = (
@@ -117,6 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                 )
             )
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # Data problems (missing file, no questions, unlabelled rows) are the user's to fix: no traceback.
+        print(f"mgpo eval: {exc}", file=sys.stderr)
+        return 2
     finally:
         engine.close()
     report: dict[str, Any] = {
@@ -160,7 +193,8 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="PATH",
         help="the benchmark's data file or folder "
-        "(default data.eval_path; synthetic generates its set when neither is given)",
+        "(default evaluation.data_paths[NAME], then data.eval_path; synthetic generates its set when none "
+        "is given)",
     )
     p.add_argument(
         "--mode",

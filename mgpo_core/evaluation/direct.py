@@ -3,8 +3,8 @@ greedy answer, through any rollout engine's batched ``_generate``.
 
 This is the comparison users run MGPO against (no grounding turn, no crop). The image goes through the same
 size rule as an overview (`resize_for_model`) but with ``max_pixels`` = the direct budget, which defaults to
-the model's own maximum (`model_max_pixels`); the prompt is built from explicit special-token ids like the MGPO
-turns (`PromptBuilder`), so question text cannot inject control tokens.
+the model's own maximum (`model_max_pixels`); the prompt is built from explicit special-token ids like the
+MGPO turns (`PromptBuilder`), so question text cannot inject control tokens.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ class DirectPrompt:
 
 @dataclass
 class DirectOutput:
-    """One direct answer: decoded text (special tokens dropped), token counts and the image as the model saw it.
+    """One direct answer: decoded text (special tokens dropped), token counts, the image as the model saw it.
 
-    ``image_size`` is ``(W, H)`` after resizing; ``visual_tokens`` = W·H / 28²; ``prompt_tokens`` includes them.
+    ``image_size`` is ``(W, H)`` after resizing; ``visual_tokens`` = W·H / 28²; ``prompt_tokens`` counts
+    them too.
     """
 
     sample: Sample
@@ -66,7 +67,10 @@ def model_max_pixels(image_processor: object) -> int:
 def direct_prompt_ids(
     engine: RolloutEngine, prompt: DirectPrompt, sample: Sample, image_tokens: int
 ) -> list[int]:
-    """``<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n<image>question+choices<|im_end|>\\n<|im_start|>assistant\\n``."""
+    """The direct prompt's token ids: system turn, user turn (image, question, choices), assistant header.
+
+    ``<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n<image>…<|im_end|>\\n<|im_start|>assistant\\n``
+    """
     b, s = engine.prompts, engine.special
     nl = b.text_ids("\n")
     system = [s.im_start, *b.text_ids("system\n"), *b.text_ids(prompt.system_prompt), s.im_end, *nl]
@@ -94,8 +98,8 @@ def generate_direct(
     budget = model_max_pixels(engine.image_processor) if max_pixels is None else max_pixels
     if budget < min_pixels:
         raise ValueError(
-            f"direct max_pixels={budget} is below min_pixels={min_pixels}; raise evaluation.direct_max_pixels "
-            "or lower rollout.min_pixels"
+            f"direct max_pixels={budget} is below min_pixels={min_pixels}; raise "
+            "evaluation.direct_max_pixels or lower rollout.min_pixels"
         )
     requests, meta = [], []
     for sample in samples:

@@ -3,8 +3,9 @@ precedence, or say why none could be read (never guess).
 
 Precedence (first rule that yields a letter wins; only letters of the question's own choices count):
 
-1. ``boxed``        the content of the LAST complete ``\boxed{...}`` (the training reward's rule), searched from
-                    the last assistant turn backwards; read as a letter (``C``, ``(c)``, ``\text{C}``, ``C. red``).
+1. ``boxed``        the content of the LAST complete ``\boxed{...}`` (the training reward's rule),
+                    searched from the last assistant turn backwards; read as a letter (``C``, ``(c)``,
+                    ``\text{C}``, ``C. red``).
 2. ``boxed_text``   the same ``\boxed{}`` content equals one option's text (``\boxed{red}``).
 3. ``answer_is``    an explicit statement in the last turn: "the answer is B", "Answer: (B)", "correct option
                     is b", "I choose C"; the LAST such statement wins (models revise themselves).
@@ -13,13 +14,13 @@ Precedence (first rule that yields a letter wins; only letters of the question's
 5. ``option_text``  the whole last turn equals one option's text (case, spaces and end punctuation ignored).
 6. ``letter_mark``  "(B)" or a line starting "B." / "B)" / "B:" in the last turn, when exactly ONE distinct
                     letter is marked that way; several distinct letters make the output ``ambiguous``.
-7. ``option_mention`` exactly one option's text occurs (as whole words) in the last turn, after dropping options
-                    that only occur inside a longer matching option ("red" inside "dark red"); several are
-                    ``ambiguous``.
+7. ``option_mention`` exactly one option's text occurs (as whole words) in the last turn, after dropping
+                    options that only occur inside a longer matching option ("red" inside "dark red");
+                    several are ``ambiguous``.
 
 Rules 1-3 are explicit answers, so a mention of other letters around them ("(A) is wrong, the answer is B")
-does not matter. Rules 6-7 are weak evidence, hence the one-distinct-answer condition. A lone capital letter in
-prose ("A cat sits") and letters inside words never count. Unreadable content inside a ``\boxed{}`` falls
+does not matter. Rules 6-7 are weak evidence, hence the one-distinct-answer condition. A lone capital letter
+in prose ("A cat sits") and letters inside words never count. Unreadable content inside a ``\boxed{}`` falls
 through to the later rules.
 """
 

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 CONTAIN_TOLERANCE_PX = 1.0
-"""Slack (original pixels) when testing that a crop contains the ground truth: the crop's edges were rounded."""
+"""Slack (original pixels) in the test that a crop holds the ground truth: the crop's edges were rounded."""
 
 Box = tuple[float, float, float, float]
 
@@ -70,8 +70,8 @@ def grounding_outcome(
 ) -> GroundingOutcome:
     """Score one episode's box against the question's ground-truth boxes (original pixels, may be empty).
 
-    ``grounding.box`` is in overview pixels (``overview_size``); ``crop_box`` is what was cut from the original
-    (``original_size``), None when the box was invalid.
+    ``grounding.box`` is in overview pixels (``overview_size``); ``crop_box`` is what was cut from the
+    original (``original_size``), None when the box was invalid.
     """
     valid = bool(grounding.valid and grounding.box is not None and crop_box is not None)
     if not gt_boxes:

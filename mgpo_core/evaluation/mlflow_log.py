@@ -1,6 +1,6 @@
 """Record evaluation results in MLflow: metrics `eval/<benchmark>/<metric>` (direct mode under
 `eval/<benchmark>/direct/...`) and the output files on a run, and the same metrics as tags on the evaluated
-registered model version (and on its MLflow 3 logged model, when it has one) so the registry shows them.
+registered model version, so the registry shows them and promotion can compare versions.
 
 Only `MlflowClient` calls with explicit ids are used: no global active run is started or changed, so this is
 safe to call from inside a training or pipeline run.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mgpo_core.evaluation.runner import EvalResult
@@ -22,7 +23,7 @@ __all__ = ["log_eval_results", "model_version_eval_tags"]
 _BATCH = 500  # MLflow's limit of metrics per log_batch call is 1000
 
 
-def _model_version(client: MlflowClient, name: str, version: str | int):  # noqa: ANN202
+def _model_version(client: MlflowClient, name: str, version: str | int) -> ModelVersion:
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
@@ -76,11 +77,8 @@ def log_eval_results(
             tags["mgpo.eval.model"] = f"{model_name}/{model_version}"
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     now = int(time.time() * 1000)
-    model_id = getattr(version, "model_id", None) if version is not None else None
     metrics = [
-        Metric(key, float(value), now, step, model_id=model_id)
-        for result in results
-        for key, value in result.prefixed().items()
+        Metric(key, float(value), now, step) for result in results for key, value in result.prefixed().items()
     ]
     run_tags = [RunTag(f"{r.prefix}/engine", r.engine) for r in results] + [
         RunTag(f"{r.prefix}/questions", str(r.n)) for r in results

@@ -60,6 +60,7 @@ class BenchmarkSpec:
     - ``labels(sample) -> {key: value}``: what ``aggregate`` groups by (category, cycle, task, ...).
     - ``aggregate(outcomes) -> {metric: fraction}``: the benchmark's published scoring.
     - ``has_gt_boxes``: its samples carry ground-truth boxes (grounding IoU/containment are reported).
+    - ``needs_data``: reading needs a data path (False: the benchmark can generate its questions).
     - ``data_hint``: how to obtain and pass the data (printed when the path is missing or wrong).
     """
 
@@ -71,6 +72,7 @@ class BenchmarkSpec:
     extract: Callable[[Sequence[str], Sequence[str]], Extraction] = extract_answer
     prompt: Callable[[Sample], Sample] = plain_question
     has_gt_boxes: bool = False
+    needs_data: bool = True
     data_hint: str = ""
 
     def __post_init__(self) -> None:
@@ -107,7 +109,7 @@ def available_benchmarks() -> list[str]:
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec registered as ``name``; an unknown name raises KeyError listing the names (and a close one)."""
+    """The spec registered as ``name``; an unknown name raises KeyError listing the names (and a near one)."""
     _load_builtins()
     try:
         return BENCHMARKS[name]

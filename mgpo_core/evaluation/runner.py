@@ -4,10 +4,10 @@ picture; it returns an `EvalResult` whose metrics the caller logs (see `mlflow_l
 
 Files in ``out_dir``: ``samples.jsonl`` (one record per question, written batch by batch), ``summary.json``
 (metrics, counts, timings, settings) and ``picture.png`` (the first questions with predicted crop and ground
-truth drawn). ``limit`` keeps a deterministic subsample: questions are ordered by sha256(seed:id) and the first
-``limit`` kept (then restored to file order), so a run is repeatable, a smaller limit is a subset of a larger
-one, and the choice does not depend on file order. It is not stratified: on HR-Bench a subsample can split a
-question's option cycles (see `scoring.hrbench_scores`).
+truth drawn). ``limit`` keeps a deterministic subsample: questions are ordered by sha256(seed:id) and the
+first ``limit`` kept (then restored to file order), so a run is repeatable, a smaller limit is a subset of a
+larger one, and the choice does not depend on file order. It is not stratified: on HR-Bench a subsample can
+split a question's option cycles (see `scoring.hrbench_scores`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mgpo_core.evaluation.registry import BenchmarkSpec, ReadContext, get_benchm
 from mgpo_core.evaluation.scoring import Outcome, group_counts
 from mgpo_core.evaluation.visualize import PictureItem, draw_eval_grid
 from mgpo_core.reward import answer_reward
-from mgpo_core.rollout.base import RolloutEngine
+from mgpo_core.rollout.base import RolloutEngine, RolloutSettings
 
 if TYPE_CHECKING:
     from mgpo_core.config import MGPOConfig
@@ -95,7 +95,7 @@ def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
         yield items[start : start + size]
 
 
-def _eval_settings(engine: RolloutEngine, samples: Sequence[Sample], max_new: int):  # noqa: ANN202
+def _eval_settings(engine: RolloutEngine, samples: Sequence[Sample], max_new: int) -> RolloutSettings:
     """The engine's settings with the evaluation cap per turn and a response cap that never cuts turn 2.
 
     The response cap counts the inserted turn-2 prompt; its largest possible size is the longest turn-2 text
@@ -204,7 +204,9 @@ def _direct_records(
 def _load_samples(
     spec: BenchmarkSpec, cfg: MGPOConfig, data_path: str | Path | None, out_dir: Path
 ) -> list[Sample]:
-    path = data_path if data_path is not None else cfg.data.eval_path
+    path = data_path
+    if path is None:
+        path = cfg.evaluation.data_paths.get(spec.name, cfg.data.eval_path)
     samples = spec.read(ReadContext(None if path is None else Path(path), out_dir / "data", cfg))
     samples = [spec.prompt(s) for s in samples]
     if not samples:
@@ -214,8 +216,8 @@ def _load_samples(
     dupes = [k for k, v in Counter(s.id for s in samples).items() if v > 1]
     if dupes:
         raise ValueError(
-            f"benchmark {spec.name!r}: {len(dupes)} duplicate question ids (e.g. {dupes[:3]}); ids must be unique "
-            "for records and the --limit subsample to be well defined — fix the reader or the data file"
+            f"benchmark {spec.name!r}: {len(dupes)} duplicate question ids (e.g. {dupes[:3]}); ids must be "
+            "unique for records and the --limit subsample to be well defined: fix the reader or the data file"
         )
     return samples
 
@@ -241,9 +243,10 @@ def evaluate(
     """Evaluate ``engine``'s model on a benchmark, greedily, and write the outputs into ``out_dir``.
 
     ``mode="mgpo"``: the two-turn episode (ground → crop the original → answer) with at most
-    ``evaluation.max_new_tokens`` tokens per turn; ``mode="direct"``: one turn at ``evaluation.direct_max_pixels``.
-    Questions come from ``samples`` when given, else from the benchmark's reader on ``data_path`` (default
-    ``data.eval_path``). ``limit`` keeps a deterministic subsample (module docstring).
+    ``evaluation.max_new_tokens`` tokens per turn; ``mode="direct"``: one turn at
+    ``evaluation.direct_max_pixels``. Questions come from ``samples`` when given, else from the benchmark's
+    reader on ``data_path`` (default ``evaluation.data_paths[<benchmark>]``, then ``data.eval_path``).
+    ``limit`` keeps a deterministic subsample (module docstring).
 
     Raises:
         KeyError: unknown benchmark name. ValueError: bad mode/limit, no questions, duplicate ids.
@@ -255,6 +258,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool = list(samples) if samples is not None else _load_samples(spec, cfg, data_path, out)
+    if not pool:
+        raise ValueError(f"benchmark {spec.name!r}: no questions to evaluate; pass samples or a data path")
     chosen = subsample(pool, limit, cfg.evaluation.subsample_seed)
     # Fail before any generation when a reader left out a label the scoring groups by.
     spec.aggregate([Outcome(False, spec.labels(s), s.id) for s in chosen])

@@ -6,9 +6,10 @@ label values become name parts through :func:`metric_key` ("Remote Sensing" -> "
 - V* (`vstar_scores`): `overall` = correct / all questions, plus one accuracy per category
   (`direct_attributes`, `relative_position`).
 - HR-Bench (`hrbench_scores`): the questions are grouped by `cycle_category` (the option cycle); within each
-  group the accuracy of `single`, of `cross` and of all questions is taken, and each is averaged over the groups
-  (the published scoring). A category absent from a group (possible only in a `--limit` subsample) is averaged
-  over the groups where it occurs, instead of counting as 0 there.
+  group the accuracy of `single`, of `cross` and of all questions is taken, and each is averaged over the
+  groups (the published scoring). A category absent from a group (possible only in a `--limit` subsample)
+  is averaged over the groups where it occurs; the published code divides by all groups, i.e. counts it as 0
+  there. With complete data (every group holds both categories) the two agree.
 - MME-RealWorld (`mme_realworld_scores`): `overall` = correct / all, `task/<task>` and
   `subtask/<task>/<subtask>` (subtask names repeat across tasks, so they are qualified by their task).
 - Synthetic (`synthetic_scores`): `overall` plus per category (grounding metrics come from
@@ -141,7 +142,7 @@ def synthetic_scores(outcomes: Sequence[Outcome]) -> dict[str, float]:
 
 
 def group_counts(outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
-    """``{label key: {label value: questions}}`` for the summary JSON (how many questions each score rests on)."""
+    """``{label key: {label value: count}}`` for the summary JSON: how many questions each score rests on."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for o in outcomes:
         for key, value in o.labels.items():

@@ -49,11 +49,16 @@ class PictureItem:
         crop = rec.get("crop_box")
         return cls(
             image_path=str(rec["image_path"]),
-            gt_boxes=tuple(tuple(float(v) for v in b) for b in rec.get("gt_boxes") or ()),  # type: ignore[misc]
+            gt_boxes=tuple(_box(b) for b in rec.get("gt_boxes") or ()),
             crop_box=None if crop is None else tuple(int(v) for v in crop),  # type: ignore[arg-type]
             correct=rec.get("correct"),
             caption=tuple(lines),
         )
+
+
+def _box(values: Sequence[float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2
 
 
 def _thumbnail(path: str, size: int, max_image_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -97,7 +102,7 @@ def draw_eval_grid(
     title: str = "",
     max_image_pixels: int = 100_000_000,
 ) -> Path:
-    """Write the tiles of ``items`` as one PNG grid (``columns`` wide, title band on top); returns the path."""
+    """Write the tiles of ``items`` as one PNG grid, ``columns`` wide under a title band; return its path."""
     if not items:
         raise ValueError("draw_eval_grid needs at least one item to draw")
     cols = max(1, min(columns, len(items)))
