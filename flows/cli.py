@@ -22,7 +22,9 @@ def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
     )  # its telemetry row races SQLite at start
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     # The ephemeral API starts a local server; on a busy 2-core machine the default 20 s is not always enough.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # keep the pipeline's log about the pipeline
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+    )  # keep the pipeline's log about the pipeline
     try:
         from mgpo_core.servers import active_endpoints, apply_prefect_env
     except ImportError:  # servers module not installed: ephemeral API under the state folder

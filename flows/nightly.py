@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.common import input_fingerprint
 from tasks.stages import (
     evaluate_task,
     filter_task,
@@ -41,7 +42,7 @@ def nightly(
     overrides, inputs = list(overrides or []), list(inputs or [])
     log = get_run_logger()
     parent = pipeline_run_task(preset, overrides, inputs)
-    dataset = filter_task(preset, overrides, inputs, parent)
+    dataset = filter_task(preset, overrides, inputs, parent, input_fingerprint(inputs))
     create_markdown_artifact(
         _report_markdown(dataset), key="filter-report", description="Dataset filter report"
     )
@@ -70,7 +71,8 @@ def nightly(
 def filter_flow(
     preset: str = "tiny-cpu", overrides: list[str] | None = None, inputs: list[str] | None = None
 ) -> dict:
-    return filter_task(preset, list(overrides or []), list(inputs or []), None)
+    inputs = list(inputs or [])
+    return filter_task(preset, list(overrides or []), inputs, None, input_fingerprint(inputs))
 
 
 @flow(name="mgpo-train")

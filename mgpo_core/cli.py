@@ -16,7 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-STAGE_CLIS = ("mgpo_core.data.cli", "mgpo_core.training.cli", "mgpo_core.evaluation.cli", "flows.cli")
+STAGE_CLIS = (
+    "mgpo_core.data.cli",
+    "mgpo_core.training.cli",
+    "mgpo_core.evaluation.cli",
+    "flows.cli",
+    "mgpo_core.servers_cli",
+)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

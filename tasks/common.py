@@ -50,6 +50,25 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def input_fingerprint(paths: list[str]) -> str:
+    """Fingerprint of raw inputs for the filter stage's cache key: every file's path, size and mtime.
+
+    New or changed data at the same path gives a new key (and so a new filter run and a new dataset hash);
+    unchanged inputs reuse the finished stage.
+    """
+    items = []
+    for p in paths:
+        root = Path(p)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            try:
+                st = f.stat()
+                items.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+            except OSError:
+                items.append((str(f), None, None))  # missing: the filter stage reports it
+    return digest(items)
+
+
 def stage_cache_key(stage: str):  # noqa: ANN201
     """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version.
 

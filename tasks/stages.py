@@ -79,7 +79,10 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
 def filter_task(
     preset: str, overrides: list[str], inputs: list[str], parent_run_id: str | None
 ) -> dict[str, Any]:
-    """Filter the raw inputs (default: generate the synthetic set) into a content-addressed dataset directory."""
+    """Filter the raw inputs (default: generate the synthetic set) into a content-addressed dataset directory.
+
+    ``inputs_fingerprint`` (sizes and mtimes of the input files) is only there for the cache key.
+    """
     from mgpo_core.data.stage import run_filter_stage
     from mgpo_core.data.synthetic import write_synthetic_split
 
