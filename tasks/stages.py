@@ -77,7 +77,11 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
     **RETRY,
 )
 def filter_task(
-    preset: str, overrides: list[str], inputs: list[str], parent_run_id: str | None
+    preset: str,
+    overrides: list[str],
+    inputs: list[str],
+    parent_run_id: str | None,
+    inputs_fingerprint: str = "",
 ) -> dict[str, Any]:
     """Filter the raw inputs (default: generate the synthetic set) into a content-addressed dataset directory.
 
