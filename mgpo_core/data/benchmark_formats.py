@@ -19,7 +19,6 @@ from mgpo_core.data.rows import (
     RowError,
     answer_letter,
     check_choices,
-    excerpt,
     image_ref,
     iter_lines,
     make_sample,
@@ -29,7 +28,7 @@ from mgpo_core.data.rows import (
     xywh_boxes,
 )
 from mgpo_core.data.schema import LETTERS, DataRow
-from mgpo_core.data.tables import RawRow, ReadContext, each_row, required, table_rows
+from mgpo_core.data.tables import RawRow, ReadContext, bad_row, each_row, required, table_rows
 
 VSTAR_FOLDERS = ("direct_attributes", "relative_position")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp")
@@ -39,6 +38,9 @@ _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp")
 
 
 def read_mme_realworld_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """One row per item of the JSON list; ``Image`` resolves against the file's folder, ``Answer choices`` lose
+    their ``(A)`` prefixes, and ``Task``/``Subtask``/``Category``/``Dataset`` go to ``meta`` for scoring.
+    A file that is not a JSON list is one dropped row (nothing says how many questions it held)."""
     try:
         items = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -46,21 +48,31 @@ def read_mme_realworld_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         yield DataRow(str(path), None, reason, f"MME-RealWorld JSON cannot be read: {err}"[:500])
         return
     if not isinstance(items, list):
-        yield DataRow(str(path), None, "unreadable_file",
-                      f"top level is a JSON {type(items).__name__}; MME-RealWorld is a list of questions")
+        yield DataRow(
+            str(path),
+            None,
+            "unreadable_file",
+            f"top level is a JSON {type(items).__name__}; MME-RealWorld is a list of questions",
+        )
         return
     base = ctx.image_base or path.parent
     lim = ctx.limits
 
     def parse(loc: str, item: dict[str, Any]) -> Any:
-        choices = check_choices(strip_letter_prefixes(
-            check_choices(required(item, "Answer choices"), lim, "Answer choices")), lim, "Answer choices")
+        choices = check_choices(
+            strip_letter_prefixes(check_choices(required(item, "Answer choices"), lim, "Answer choices")),
+            lim,
+            "Answer choices",
+        )
         task = text_field(item, "Task", lim, required=False)
         subtask = text_field(item, "Subtask", lim, required=False)
-        meta = {"task": task, "subtask": subtask,
-                "category": text_field(item, "Category", lim, required=False),
-                "dataset": text_field(item, "Dataset", lim, required=False),
-                "question_type": text_field(item, "Question Type", lim, required=False)}
+        meta = {
+            "task": task,
+            "subtask": subtask,
+            "category": text_field(item, "Category", lim, required=False),
+            "dataset": text_field(item, "Dataset", lim, required=False),
+            "question_type": text_field(item, "Question Type", lim, required=False),
+        }
         return make_sample(
             id=f"mme-realworld/{text_field(item, 'Question_id', lim)}",
             image_path=image_ref(item.get("Image"), base, ctx.cache, "Image"),
@@ -78,8 +90,9 @@ def read_mme_realworld_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
             if isinstance(item, dict):
                 yield loc, item
             else:
-                yield loc, DataRow(loc, None, "bad_field_type", f"item is a JSON {type(item).__name__}, "
-                                   "expected an object", excerpt(item))
+                yield bad_row(
+                    loc, "bad_field_type", f"item is a JSON {type(item).__name__}, expected an object", item
+                )
 
     yield from each_row(rows(), parse)
 
@@ -96,6 +109,8 @@ def _shuffled(options: list[str], answer_index: int, key: str, ctx: ReadContext)
 
 
 def read_vstar_folder(folder: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """One row per ``<name>.json`` under ``direct_attributes/`` and ``relative_position/`` (sorted), its image
+    the ``<name>.jpg`` (or .png, ...) beside it; a folder holding only ``test_questions.jsonl`` reads that."""
     lim = ctx.limits
     files = sorted(p for d in VSTAR_FOLDERS if (folder / d).is_dir() for p in (folder / d).glob("*.json"))
     if not files and (folder / "test_questions.jsonl").is_file():
@@ -107,10 +122,16 @@ def read_vstar_folder(folder: Path, ctx: ReadContext) -> Iterator[DataRow]:
         category, name = json_path.parent.name, json_path.stem
         options = list(check_choices(required(item, "options"), lim, "options"))
         shuffled, answer = _shuffled(options, 0, f"{category}/{name}", ctx)
-        image = next((json_path.with_suffix(e) for e in _IMAGE_EXTS if json_path.with_suffix(e).is_file()),
-                     json_path.with_suffix(".jpg"))
+        image = next(
+            (json_path.with_suffix(e) for e in _IMAGE_EXTS if json_path.with_suffix(e).is_file()),
+            json_path.with_suffix(".jpg"),
+        )
         targets = item.get("target_object")
-        meta = (("target_object", ", ".join(map(str, targets))),) if isinstance(targets, list) and targets else ()
+        meta = (
+            (("target_object", ", ".join(map(str, targets))),)
+            if isinstance(targets, list) and targets
+            else ()
+        )
         return make_sample(
             id=f"vstar/{category}/{name}",
             image_path=str(image),
@@ -129,14 +150,15 @@ def read_vstar_folder(folder: Path, ctx: ReadContext) -> Iterator[DataRow]:
             try:
                 item = json.loads(jp.read_bytes().decode("utf-8"))
             except UnicodeDecodeError as err:
-                yield loc, DataRow(loc, None, "invalid_utf8", f"byte {err.start} is not UTF-8")
+                yield bad_row(loc, "invalid_utf8", f"byte {err.start} is not UTF-8")
                 continue
             except (OSError, ValueError) as err:
-                yield loc, DataRow(loc, None, "invalid_json", f"not JSON: {err}"[:500])
+                yield bad_row(loc, "invalid_json", f"not JSON: {err}"[:500])
                 continue
             if not isinstance(item, dict):
-                yield loc, DataRow(loc, None, "bad_field_type", f"file holds a JSON {type(item).__name__}, "
-                                   "expected an object")
+                yield bad_row(
+                    loc, "bad_field_type", f"file holds a JSON {type(item).__name__}, expected an object"
+                )
                 continue
             item["__json_path"] = str(jp)
             yield loc, item
@@ -145,6 +167,8 @@ def read_vstar_folder(folder: Path, ctx: ReadContext) -> Iterator[DataRow]:
 
 
 def read_vstar_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """V*'s flat variants (parquet, or ``test_questions.jsonl``): ``text`` holds the question and its inline
+    ``(A) ...`` options, ``label`` the letter; options are shuffled like the folder's and the label follows."""
     base = ctx.image_base or path.parent
     lim = ctx.limits
 
@@ -176,7 +200,21 @@ def read_vstar_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
 _TOO_LONG = "\x00<row over max_row_bytes>\x00"
 
 
+def _letter_columns(row: dict[str, Any]) -> list[str]:
+    """Options from columns A, B, C, ... up to the first empty one; a filled column after a gap is an error,
+    since lettering the rest would shift the answer onto the wrong option."""
+    filled = [bool(isinstance(row.get(k), str) and row[k].strip()) for k in LETTERS]
+    n = filled.index(False) if False in filled else len(filled)
+    if any(filled[n:]):
+        later = LETTERS[n + filled[n:].index(True)]
+        raise RowError("bad_choices", f"option column {LETTERS[n]} is empty but {later} is not")
+    return [row[k] for k in LETTERS[:n]]
+
+
 def read_hrbench_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """One row per TSV line after the header; options are the non-empty single-letter columns, the base64
+    image is decoded once into the cache, and a short number in ``image`` points at an earlier row's image
+    (VLMEvalKit's way of storing a repeated image once). ``cycle_category`` goes to ``meta``."""
     lim = ctx.limits
     # The csv module's field cap is process-wide; rows are already bounded by iter_lines, so lift it.
     csv.field_size_limit(max(csv.field_size_limit(), lim.max_row_bytes))
@@ -187,17 +225,16 @@ def read_hrbench_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
             yield _TOO_LONG + "\n" if raw is None else raw.decode("utf-8", errors="surrogateescape")
 
     def parse(loc: str, row: dict[str, Any]) -> Any:
-        if any(v == _TOO_LONG for v in row.values()):
-            raise RowError("row_too_large", f"row longer than max_row_bytes={lim.max_row_bytes:,}")
         index = text_field(row, "index", lim)
-        options = [row[k] for k in LETTERS if isinstance(row.get(k), str) and row[k].strip()]
-        choices = check_choices(options, lim)
+        choices = check_choices(_letter_columns(row), lim)
         image = row.get("image")
         if not isinstance(image, str) or not image.strip():
             raise RowError("missing_field", "no 'image' (base64) in the row")
         if len(image) <= 16 and image.strip().isdigit():  # VLMEvalKit stores a repeated image once
             if image.strip() not in images_by_index:
-                raise RowError("bad_image_ref", f"image refers to row index {image.strip()}, which holds no image")
+                raise RowError(
+                    "bad_image_ref", f"image refers to row index {image.strip()}, which holds no image"
+                )
             image_path = images_by_index[image.strip()]
         else:
             image_path = str(ctx.cache.store_base64(image))
@@ -218,7 +255,7 @@ def read_hrbench_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         try:
             f = path.open("rb")
         except OSError as err:
-            yield str(path), DataRow(str(path), None, "unreadable_file", f"cannot open: {err.strerror}")
+            yield bad_row(str(path), "unreadable_file", f"cannot open: {err.strerror}")
             return
         with f:
             reader = csv.reader(lines(f), delimiter="\t")
@@ -230,7 +267,7 @@ def read_hrbench_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
                     return
                 except csv.Error as err:
                     loc = f"{path}:{reader.line_num}"
-                    yield loc, DataRow(loc, None, "bad_row", f"TSV syntax: {err}")
+                    yield bad_row(loc, "bad_row", f"TSV syntax: {err}")
                     continue
                 if header is None:
                     header = [h.strip() for h in fields]
@@ -238,11 +275,16 @@ def read_hrbench_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
                 if not any(x.strip() for x in fields):
                     continue
                 loc = f"{path}:{reader.line_num}"
+                if fields == [_TOO_LONG]:
+                    limit = lim.max_row_bytes
+                    yield bad_row(
+                        loc, "row_too_large", f"row longer than max_row_bytes={limit:,}; skipped unread"
+                    )
+                    continue
                 if len(fields) != len(header):
-                    yield loc, DataRow(loc, None, "bad_row", f"{len(fields)} fields, the header has "
-                                       f"{len(header)}", excerpt(fields))
+                    detail = f"{len(fields)} fields, the header has {len(header)}"
+                    yield bad_row(loc, "bad_row", detail, fields)
                     continue
                 yield loc, dict(zip(header, fields, strict=True))
 
     yield from each_row(rows(), parse)
-

@@ -26,6 +26,9 @@ from mgpo_core.data.tables import ReadContext, each_row, json_lines, required, t
 
 
 def read_canonical_jsonl(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """``Sample.to_dict()`` lines (``id``, ``image_path``, ``question``, ``choices`` list, ``answer`` letter,
+    optional ``source``, ``category``, ``gt_boxes`` as corners, ``meta``); the answer may also be written
+    ``(B)`` or as the text of its choice."""
     base = ctx.image_base or path.parent
     lim = ctx.limits
 
@@ -102,6 +105,10 @@ def _ground_truth(row: Mapping[str, Any]) -> Any:
 
 
 def read_mgpo_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
+    """MGPO/verl-style rows. The image is ``image_path`` or ``image`` (a path, bytes, or Hugging Face's
+    ``{"bytes", "path"}`` struct; a one-element list of those too); the question is ``question``, else the text
+    of the last user message in ``prompt``; ``choices`` is a ``"(A) ...\\n(B) ..."`` string or a list; the
+    answer is ``reward_model.ground_truth`` (a struct, its JSON text, or a flattened column)."""
     base = ctx.image_base or path.parent
     lim = ctx.limits
 
@@ -116,11 +123,13 @@ def read_mgpo_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         if isinstance(raw_choices, str):
             _, options = split_options(raw_choices)
             if len(options) < 2:
-                raise RowError("bad_choices", f"'choices' {raw_choices[:80]!r} has no '(A) ... (B) ...' options")
+                raise RowError(
+                    "bad_choices", f"'choices' {raw_choices[:80]!r} has no '(A) ... (B) ...' options"
+                )
         else:
             options = raw_choices
         choices = check_choices(strip_letter_prefixes(check_choices(options, lim)), lim)
-        image = row.get("image_path") if row.get("image_path") is not None else row.get("image", row.get("images"))
+        image = next((row[k] for k in ("image_path", "image", "images") if row.get(k) is not None), None)
         extra = row.get("extra_info") if isinstance(row.get("extra_info"), Mapping) else {}
         rid = row.get("id", extra.get("id", extra.get("index")))
         source = text_field(row, "data_source", lim, required=False)
@@ -135,4 +144,3 @@ def read_mgpo_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         )
 
     return each_row(table_rows(path, ctx), parse)
-

@@ -42,6 +42,7 @@ __all__ = [
     "read_rows",
     "read_samples",
     "read_vstar",
+    "resolve_format",
 ]
 
 FORMATS = ("auto", "mgpo", "mme-realworld", "vstar", "vstar-parquet", "hrbench", "jsonl")
@@ -59,8 +60,10 @@ def detect_format(path: str | Path) -> str:
     if p.is_dir():
         if any((p / d).is_dir() for d in VSTAR_FOLDERS) or (p / "test_questions.jsonl").is_file():
             return "vstar"
-        raise DataInputError(f"{p}: a folder is read only as V* Bench (subfolders {VSTAR_FOLDERS}); "
-                             "pass a data file or --format")
+        raise DataInputError(
+            f"{p}: a folder is read only as V* Bench (subfolders {VSTAR_FOLDERS}); "
+            "pass a data file or --format"
+        )
     suffix = p.suffix.lower()
     if suffix == ".tsv":
         return "hrbench"
@@ -92,8 +95,8 @@ def detect_format(path: str | Path) -> str:
     raise DataInputError(f"{p}: cannot tell the format from suffix {suffix!r}; pass one of {FORMATS[1:]}")
 
 
-def read_rows(path: str | Path, fmt: str = "auto", *, ctx: ReadContext) -> Iterator[DataRow]:
-    """Every row of ``path`` as a DataRow, in file order. Raises only DataInputError (nothing to read)."""
+def resolve_format(path: str | Path, fmt: str = "auto") -> str:
+    """The concrete format ``path`` is read as; DataInputError when it cannot be read at all."""
     p = Path(path)
     if not p.exists():
         raise DataInputError(f"input {p} does not exist; check the --input path")
@@ -102,8 +105,14 @@ def read_rows(path: str | Path, fmt: str = "auto", *, ctx: ReadContext) -> Itera
     fmt = detect_format(p) if fmt == "auto" else fmt
     if (fmt == "vstar") != p.is_dir():
         raise DataInputError(f"format {fmt!r} needs {'a folder' if fmt == 'vstar' else 'a file'}, got {p}")
-    reader: Callable[[Path, ReadContext], Iterator[DataRow]] = _READERS[fmt]
-    yield from reader(p, ctx)
+    return fmt
+
+
+def read_rows(path: str | Path, fmt: str = "auto", *, ctx: ReadContext) -> Iterator[DataRow]:
+    """Every row of ``path`` as a DataRow, in file order. Raises only DataInputError (nothing to read), and
+    that before the first row."""
+    reader = _READERS[resolve_format(path, fmt)]
+    return reader(Path(path), ctx)
 
 
 _READERS: dict[str, Callable[[Path, ReadContext], Iterator[DataRow]]] = {
@@ -119,8 +128,14 @@ _READERS: dict[str, Callable[[Path, ReadContext], Iterator[DataRow]]] = {
 # ---------------------------------------------------------------- list-returning conveniences (evaluation)
 
 
-def read_samples(path: str | Path, fmt: str = "auto", *, image_dir: str | Path | None = None, seed: int = 0,
-                 limits: ReadLimits | None = None) -> list[Sample]:
+def read_samples(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    image_dir: str | Path | None = None,
+    seed: int = 0,
+    limits: ReadLimits | None = None,
+) -> list[Sample]:
     """The samples of ``path`` without the filter stage; dropped rows are logged (counts and first reasons).
 
     ``image_dir`` receives embedded images (default ``.mgpo/data/image-cache``); ``seed`` keys V*'s option
@@ -135,8 +150,15 @@ def read_samples(path: str | Path, fmt: str = "auto", *, image_dir: str | Path |
             drops.append(row)
     if drops:
         reasons = Counter(r.reason for r in drops)
-        log.warning("%s: %d of %d rows dropped (%s); first: %s: %s", path, len(drops), len(drops) + len(samples),
-                    dict(reasons), drops[0].location, drops[0].detail)
+        log.warning(
+            "%s: %d of %d rows dropped (%s); first: %s: %s",
+            path,
+            len(drops),
+            len(drops) + len(samples),
+            dict(reasons),
+            drops[0].location,
+            drops[0].detail,
+        )
     return samples
 
 

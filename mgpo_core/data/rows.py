@@ -32,12 +32,16 @@ READER_REASONS = (
     "bad_box",  # a ground-truth box that is not 4 numbers with positive width and height
     "image_undecodable",  # an embedded image that is not valid base64 / bytes
     "bad_image_ref",  # an HR-Bench image reference to a row that holds no image
+    "special_token_in_text",  # chat-control text such as <|im_end|>: it would break the two-turn prompt
     "bad_row",  # anything else a row can do wrong (the detail names the exception)
 )
 
 EXCERPT_CHARS = 240
 # Unpaired surrogates: what "surrogateescape" decoding and JSON "\\ud800" escapes leave for invalid UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Qwen's chat and vision control tokens (<|im_end|>, <|image_pad|>, ...): a question holding one would be
+# tokenized as the control token itself and end a turn or open an image span mid-prompt.
+_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>")
 
 
 class RowError(ValueError):
@@ -87,15 +91,24 @@ def dropped(location: str, err: Exception, raw: Any = None) -> DataRow:
 
 def _check_text(text: str, name: str, limits: ReadLimits) -> str:
     if len(text) > limits.max_text_chars:
-        raise RowError("text_too_long", f"{name!r} has {len(text):,} characters > max_text_chars="
-                       f"{limits.max_text_chars:,}; shorten it or raise data.filters.max_text_chars")
+        raise RowError(
+            "text_too_long",
+            f"{name!r} has {len(text):,} characters > max_text_chars="
+            f"{limits.max_text_chars:,}; shorten it or raise data.filters.max_text_chars",
+        )
     if _SURROGATE.search(text):
         raise RowError("invalid_utf8", f"{name!r} holds bytes that are not UTF-8 (unpaired surrogates)")
+    if (token := _SPECIAL_TOKEN.search(text)) is not None:
+        raise RowError(
+            "special_token_in_text",
+            f"{name!r} contains the model control token {token.group(0)!r}; remove it",
+        )
     return text
 
 
-def text_field(row: Mapping[str, Any], key: str, limits: ReadLimits, *, required: bool = True,
-               name: str | None = None) -> str:
+def text_field(
+    row: Mapping[str, Any], key: str, limits: ReadLimits, *, required: bool = True, name: str | None = None
+) -> str:
     """``row[key]`` as checked text: numbers become text; absent, empty, or non-scalar values raise RowError."""
     name = name or key
     value = row.get(key)
@@ -115,7 +128,9 @@ def check_choices(choices: Sequence[Any], limits: ReadLimits, name: str = "choic
     if not choices:
         raise RowError("bad_choices", f"{name!r} is empty")
     if len(choices) > len(LETTERS):
-        raise RowError("bad_choices", f"{name!r} has {len(choices)} options; at most {len(LETTERS)} can be lettered")
+        raise RowError(
+            "bad_choices", f"{name!r} has {len(choices)} options; at most {len(LETTERS)} can be lettered"
+        )
     out = []
     for i, c in enumerate(choices):
         if isinstance(c, bool) or not isinstance(c, str | int | float):
@@ -147,7 +162,7 @@ def split_options(text: str) -> tuple[str, list[str]]:
             options = []
             for k, m in enumerate(marks):
                 end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
-                piece = text[m.end():end].strip()
+                piece = text[m.end() : end].strip()
                 if k + 1 == len(marks):
                     piece = piece.split("\n", 1)[0].strip()
                 options.append(piece)
@@ -162,7 +177,7 @@ def strip_letter_prefixes(options: Sequence[str]) -> list[str]:
     """``["(A) red", "(B) blue"]`` → ``["red", "blue"]``, only when every option carries its own letter."""
     matches = [_PREFIX.match(o) for o in options]
     if all(m is not None and m.group(1) == LETTERS[i] for i, m in enumerate(matches)):
-        return [o[m.end():].strip() for o, m in zip(options, matches, strict=True) if m is not None]
+        return [o[m.end() :].strip() for o, m in zip(options, matches, strict=True) if m is not None]
     return list(options)
 
 
@@ -178,10 +193,15 @@ def answer_letter(raw: Any, choices: Sequence[str], name: str = "answer") -> str
         folded = [c.casefold() for c in choices]
         if text.casefold() in folded:
             return LETTERS[folded.index(text.casefold())]
-        raise RowError("bad_answer", f"{name} {text[:60]!r} is neither a choice letter nor one of the choices")
+        raise RowError(
+            "bad_answer", f"{name} {text[:60]!r} is neither a choice letter nor one of the choices"
+        )
     if letter not in LETTERS[: len(choices)]:
-        raise RowError("answer_not_in_choices", f"{name} {letter!r} is not one of the letters "
-                       f"{LETTERS[: len(choices)]} of the {len(choices)} choices")
+        raise RowError(
+            "answer_not_in_choices",
+            f"{name} {letter!r} is not one of the letters "
+            f"{LETTERS[: len(choices)]} of the {len(choices)} choices",
+        )
     return letter
 
 
@@ -195,8 +215,10 @@ def xywh_boxes(raw: Any, name: str = "bbox") -> tuple[tuple[float, float, float,
         raise RowError("bad_box", f"{name!r} is {type(raw).__name__}, expected a list of [x, y, w, h]")
     boxes = []
     for i, b in enumerate(raw):
-        ok = isinstance(b, Sequence) and len(b) == 4 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b
+        ok = (
+            isinstance(b, Sequence)
+            and len(b) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b)
         )
         if not ok or b[2] <= 0 or b[3] <= 0 or b[0] < 0 or b[1] < 0:
             raise RowError("bad_box", f"{name}[{i}] = {excerpt(b, 60)} is not [x, y, w, h] with w, h > 0")
@@ -282,7 +304,9 @@ def image_ref(value: Any, base: Path, cache: ImageCache, name: str = "image") ->
     struct as Hugging Face datasets store images (embedded bytes go to ``cache``)."""
     if isinstance(value, list | tuple):
         if len(value) != 1:
-            raise RowError("bad_field_type", f"{name!r} holds {len(value)} images; MGPO samples have exactly one")
+            raise RowError(
+                "bad_field_type", f"{name!r} holds {len(value)} images; MGPO samples have exactly one"
+            )
         value = value[0]
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")
@@ -294,9 +318,11 @@ def image_ref(value: Any, base: Path, cache: ImageCache, name: str = "image") ->
             raise RowError("image_undecodable", f"{name!r} holds zero bytes")
         return str(cache.store(bytes(value)))
     if not isinstance(value, str) or not value.strip():
-        raise RowError("missing_field" if value is None or isinstance(value, str) else "bad_field_type",
-                       f"{name!r} is {'missing' if value is None else type(value).__name__}, expected an image "
-                       "path or image bytes")
+        raise RowError(
+            "missing_field" if value is None or isinstance(value, str) else "bad_field_type",
+            f"{name!r} is {'missing' if value is None else type(value).__name__}, expected an image "
+            "path or image bytes",
+        )
     if "\x00" in value:
         raise RowError("bad_field_type", f"{name!r} path contains a NUL character")
     path = Path(value.strip()).expanduser()

@@ -137,7 +137,9 @@ class DataRow:
         """This row, dropped with ``reason``; the excerpt names the sample it was."""
         excerpt = self.excerpt
         if self.sample is not None and not excerpt:
-            excerpt = f"id={self.sample.id!r} question={self.sample.question[:80]!r} image={self.sample.image_path}"
+            excerpt = (
+                f"id={self.sample.id!r} question={self.sample.question[:80]!r} image={self.sample.image_path}"
+            )
         return DataRow(self.location, None, reason, detail, excerpt)
 
     def to_dict(self) -> dict[str, Any]:

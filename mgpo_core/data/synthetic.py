@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -43,12 +44,19 @@ QUESTIONS: dict[str, str] = {
     "shape": "What shape is drawn on the small white tag?",
     "text": "Which letter or digit is written on the small white tag?",
 }
-VOCABULARY: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES, "text": tuple(CHARACTERS)}
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "text": tuple(CHARACTERS),
+}
 
 PAPER_MAX_PIXELS = 1280 * 28 * 28
 INK = (25, 25, 25)
 TAG_WHITE = (255, 255, 255)
-JPEG_OPTIONS = {"quality": 95, "subsampling": 0}  # 4:4:4: chroma subsampling would smear the small colour mark
+JPEG_OPTIONS = {
+    "quality": 95,
+    "subsampling": 0,
+}  # 4:4:4: chroma subsampling would smear the small colour mark
 PNG_OPTIONS = {"compress_level": 1}  # level 1 encodes a textured 4K image ~3x faster than the default 6
 
 
@@ -97,7 +105,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
 
 
-def render_tag(kind: str, value: str, side: int, *, background: tuple[int, int, int] = TAG_WHITE) -> Image.Image:
+def render_tag(
+    kind: str, value: str, side: int, *, background: tuple[int, int, int] = TAG_WHITE
+) -> Image.Image:
     """A ``side x side`` RGB tag: dark border, ``background`` fill, and its content (the attribute asked about).
 
     ``kind`` "colour" draws a disc of colour ``value``; "shape" draws shape ``value`` in ink; "text" writes the
@@ -115,12 +125,21 @@ def render_tag(kind: str, value: str, side: int, *, background: tuple[int, int, 
         draw_shape(draw, value, box, INK)
     else:
         size = max(6, round((box[3] - box[1]) * 1.15))
-        draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, fill=INK, font=_font(size), anchor="mm")
+        draw.text(
+            ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, fill=INK, font=_font(size), anchor="mm"
+        )
     return tag
 
 
-def target_side(width: int, height: int, *, overview_max_pixels: int, min_target_px: int, max_overview_px: float,
-                rng: random.Random) -> int:
+def target_side(
+    width: int,
+    height: int,
+    *,
+    overview_max_pixels: int,
+    min_target_px: int,
+    max_overview_px: float,
+    rng: random.Random,
+) -> int:
     """Tag side in original pixels: at least ``min_target_px`` (legible in a crop) and, where the image is large
     enough for it, at most ``max_overview_px`` once downscaled to the overview (illegible there)."""
     scale = min(1.0, math.sqrt(overview_max_pixels / (width * height)))
@@ -154,7 +173,7 @@ def make_synthetic_image(
     clutter_per_megapixel: float = 12.0,
     decoys_per_megapixel: float = 3.0,
     overview_max_pixels: int = PAPER_MAX_PIXELS,
-    min_target_px: int = 20,
+    min_target_px: int = 16,
     max_overview_px: float = 4.0,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """One image and its target ``{"kind", "value", "box": (x1, y1, x2, y2), "content_box"}`` (original pixels).
@@ -181,12 +200,20 @@ def make_synthetic_image(
             draw.line((x, y, x + w, y + h), fill=tint, width=max(1, s // 12))
         else:
             draw_shape(draw, rng.choice(SHAPES), (x, y, x + w, y + h), tint)
-    side = target_side(width, height, overview_max_pixels=overview_max_pixels, min_target_px=min_target_px,
-                       max_overview_px=max_overview_px, rng=rng)
+    side = target_side(
+        width,
+        height,
+        overview_max_pixels=overview_max_pixels,
+        min_target_px=min_target_px,
+        max_overview_px=max_overview_px,
+        rng=rng,
+    )
     for _ in range(max(2, round(decoys_per_megapixel * megapixels))):
         decoy_kind = rng.choice(KINDS)
         grey = rng.randint(140, 185)
-        decoy = render_tag(decoy_kind, rng.choice(VOCABULARY[decoy_kind]), side, background=(grey, grey, grey))
+        decoy = render_tag(
+            decoy_kind, rng.choice(VOCABULARY[decoy_kind]), side, background=(grey, grey, grey)
+        )
         img.paste(decoy, (rng.randint(0, width - side), rng.randint(0, height - side)))
     value = rng.choice(VOCABULARY[kind])
     # Keep the target a tag-width away from the border so any box around it can be cropped.
@@ -211,18 +238,36 @@ def _options(rng: random.Random, kind: str, value: str, n_choices: int) -> list[
 
 
 def _one_sample(
-    out: Path, split: str, i: int, seed: int, width: int, height: int, n_choices: int, kinds: tuple[str, ...],
-    image_format: str, overview_max_pixels: int, min_target_px: int,
+    out: Path,
+    split: str,
+    i: int,
+    seed: int,
+    width: int,
+    height: int,
+    n_choices: int,
+    kinds: tuple[str, ...],
+    image_format: str,
+    overview_max_pixels: int,
+    min_target_px: int,
 ) -> Sample:
     # One generator per image: image i does not depend on how many came before (parallel and resumable).
     rng = random.Random(f"mgpo-synthetic:{seed}:{split}:{i}")
-    img, target = make_synthetic_image(rng, width, height, kind=rng.choice(kinds),
-                                       overview_max_pixels=overview_max_pixels, min_target_px=min_target_px)
+    img, target = make_synthetic_image(
+        rng,
+        width,
+        height,
+        kind=rng.choice(kinds),
+        overview_max_pixels=overview_max_pixels,
+        min_target_px=min_target_px,
+    )
     ext = "jpg" if image_format == "jpeg" else "png"
     path = out / f"{split}-{i:05d}.{ext}"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, "JPEG" if image_format == "jpeg" else "PNG",
-             **(JPEG_OPTIONS if image_format == "jpeg" else PNG_OPTIONS))
+    img.save(
+        tmp,
+        "JPEG" if image_format == "jpeg" else "PNG",
+        **(JPEG_OPTIONS if image_format == "jpeg" else PNG_OPTIONS),
+    )
     tmp.replace(path)
     options = _options(rng, target["kind"], target["value"], n_choices)
     return Sample(
@@ -249,7 +294,7 @@ def iter_synthetic_samples(
     kinds: Sequence[str] = KINDS,
     image_format: Literal["jpeg", "png"] = "jpeg",
     overview_max_pixels: int = PAPER_MAX_PIXELS,
-    min_target_px: int = 20,
+    min_target_px: int = 16,
     workers: int = 1,
 ) -> Iterator[Sample]:
     """Write ``count`` images under ``out_dir`` and yield their samples in order (deterministic from ``seed``).
@@ -266,14 +311,27 @@ def iter_synthetic_samples(
         raise ValueError(f"image_format {image_format!r} is not 'jpeg' or 'png'")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    make = functools.partial(_one_sample, out, split, seed=seed, width=width, height=height, n_choices=n_choices,
-                             kinds=tuple(kinds), image_format=image_format,
-                             overview_max_pixels=overview_max_pixels, min_target_px=min_target_px)
+    make = functools.partial(
+        _one_sample,
+        out,
+        split,
+        seed=seed,
+        width=width,
+        height=height,
+        n_choices=n_choices,
+        kinds=tuple(kinds),
+        image_format=image_format,
+        overview_max_pixels=overview_max_pixels,
+        min_target_px=min_target_px,
+    )
     if workers <= 1 or count <= 1:
         for i in range(count):
             yield make(i)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # forkserver: forking a process that already holds torch's or BLAS's threads can deadlock the child.
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
+    ) as pool:
         yield from pool.map(make, range(count), chunksize=max(1, count // (4 * workers)))
 
 

@@ -26,64 +26,90 @@ class ReadContext:
     image_base: Path | None = None
 
 
+def bad_row(loc: str, reason: str, detail: str, raw: Any = None) -> RawRow:
+    """A dropped row at ``loc`` in the ``(location, row)`` form the row sources yield."""
+    return loc, DataRow(loc, None, reason, detail, excerpt(raw) if raw is not None else "")
+
+
 def json_lines(path: Path, ctx: ReadContext) -> Iterator[RawRow]:
     """``(location, row dict)`` per non-blank line, or ``(location, dropped DataRow)`` for a bad line."""
     try:
         f = path.open("rb")
     except OSError as err:
-        yield str(path), DataRow(str(path), None, "unreadable_file", f"cannot open: {err.strerror}")
+        yield bad_row(str(path), "unreadable_file", f"cannot open: {err.strerror}")
         return
     with f:
         for lineno, line in iter_lines(f, ctx.limits.max_row_bytes):
             loc = f"{path}:{lineno}"
             if line is None:
-                yield loc, DataRow(loc, None, "row_too_large", f"line longer than max_row_bytes="
-                                   f"{ctx.limits.max_row_bytes:,}; split it or raise data.filters.max_row_bytes")
+                limit = ctx.limits.max_row_bytes
+                yield bad_row(
+                    loc,
+                    "row_too_large",
+                    f"line longer than max_row_bytes={limit:,}; split it or raise data.filters.max_row_bytes",
+                )
                 continue
             if not line.strip():
                 continue  # a blank line is not a row
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield loc, DataRow(loc, None, "invalid_utf8", f"byte {err.start} is not UTF-8 ({err.reason})",
-                                   excerpt(line))
+                yield bad_row(loc, "invalid_utf8", f"byte {err.start} is not UTF-8 ({err.reason})", line)
                 continue
             try:
                 row = json.loads(text)
             except ValueError as err:
-                yield loc, DataRow(loc, None, "invalid_json", f"not JSON: {err}", excerpt(text))
+                yield bad_row(loc, "invalid_json", f"not JSON: {err}", text)
                 continue
             if not isinstance(row, dict):
-                yield loc, DataRow(loc, None, "bad_field_type", f"row is a JSON {type(row).__name__}, expected "
-                                   "an object", excerpt(row))
+                yield bad_row(
+                    loc, "bad_field_type", f"row is a JSON {type(row).__name__}, expected an object", row
+                )
                 continue
             yield loc, row
 
 
 def parquet_rows(path: Path, ctx: ReadContext) -> Iterator[RawRow]:
+    """``(location, row dict)`` per parquet row (structs become dicts, binary becomes bytes), streamed 64 rows at
+    a time, one row group after another.
+
+    A corrupt row group costs only its own rows, each dropped as ``unreadable_file``; a file whose footer cannot
+    be read counts as one dropped row.
+    """
     try:
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(path)
-        batches = table.iter_batches(batch_size=64)
-        index = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield f"{path}#row={index}", row
-                index += 1
-    except Exception as err:  # a corrupt file or page: account for it as one unreadable row and stop
-        yield str(path), DataRow(str(path), None, "unreadable_file", f"parquet cannot be read: "
-                                 f"{type(err).__name__}: {err}"[:500])
+        sizes = [table.metadata.row_group(g).num_rows for g in range(table.metadata.num_row_groups)]
+    except Exception as err:  # no footer: nothing says how many rows the file holds
+        yield bad_row(
+            str(path), "unreadable_file", f"parquet cannot be read: {type(err).__name__}: {err}"[:500]
+        )
+        return
+    start = 0
+    for group, size in enumerate(sizes):
+        done = 0
+        try:
+            for batch in table.iter_batches(batch_size=64, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield f"{path}#row={start + done}", row
+                    done += 1
+        except Exception as err:  # a corrupt page: the rows it hides are dropped, never lost
+            detail = f"parquet row group {group} cannot be read: {type(err).__name__}: {err}"[:500]
+            for i in range(start + done, start + size):
+                yield bad_row(f"{path}#row={i}", "unreadable_file", detail)
+        start += size
 
 
 def table_rows(path: Path, ctx: ReadContext) -> Iterator[RawRow]:
+    """Rows of a parquet file or of a JSONL file, by suffix."""
     if path.suffix.lower() == ".parquet":
         return parquet_rows(path, ctx)
     return json_lines(path, ctx)
 
 
-def each_row(rows: Iterator[RawRow], parse: Callable[[str, dict[str, Any]], Any]
-          ) -> Iterator[DataRow]:
+def each_row(rows: Iterator[RawRow], parse: Callable[[str, dict[str, Any]], Any]) -> Iterator[DataRow]:
+    """``parse(location, row)`` → a kept DataRow; any exception → a dropped one (RowError keeps its reason)."""
     for loc, row in rows:
         if isinstance(row, DataRow):
             yield row
@@ -92,7 +118,6 @@ def each_row(rows: Iterator[RawRow], parse: Callable[[str, dict[str, Any]], Any]
             yield DataRow(loc, parse(loc, row))
         except Exception as err:  # every failure becomes a reasoned drop: bad input never stops the stage
             yield dropped(loc, err, row)
-
 
 
 def required(row: Mapping[str, Any], key: str) -> Any:
