@@ -213,6 +213,9 @@ def server_command(
             PREFECT_HOME=str(home),
             PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",  # its telemetry row races SQLite at start-up
+            # The UI builds its API address from these settings, not from --port.
+            PREFECT_SERVER_API_HOST=HOST,
+            PREFECT_SERVER_API_PORT=str(port),
         )
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
         return argv, env

@@ -69,14 +69,22 @@ def input_fingerprint(paths: list[str]) -> str:
     return digest(items)
 
 
-def stage_cache_key(stage: str):  # noqa: ANN201
+def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa: ANN201
     """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version.
 
-    The inputs carry the config hash, the dataset content hash and the base-model reference, so a rerun of the
-    nightly flow with the same inputs returns finished stages from the persisted results.
+    ``preset`` + ``overrides`` are replaced by the resolved config minus ``ignore_sections`` (those that cannot
+    change the stage's result, e.g. ``evaluation`` for training) and minus paths that do not change results
+    (``tracking``; ``state_dir`` stays: results point into it). The other inputs carry the dataset content hash and upstream manifests, so a
+    rerun of the nightly flow with the same inputs returns finished stages from the persisted results.
     """
 
     def key(_ctx, params: dict[str, Any]) -> str:  # noqa: ANN001
+        params = dict(params)
+        if "preset" in params and "overrides" in params:
+            cfg = load_cfg(params.pop("preset"), params.pop("overrides")).model_dump(mode="json")
+            for k in ("tracking", "run_name", "preset", *ignore_sections):
+                cfg.pop(k, None)
+            params["config"] = cfg
         return f"mgpo-{stage}-{digest(stage, params, source_digest())}"
 
     return key

@@ -45,7 +45,7 @@ def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> s
         exp.experiment_id
         if exp
         else client.create_experiment(
-            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir)
+            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir, tracking_uri(cfg))
         )
     )
     tags = {"mgpo.stage": stage}
@@ -71,7 +71,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
 
 @task(
     name="filter",
-    cache_key_fn=stage_cache_key("filter"),
+    cache_key_fn=stage_cache_key("filter", ("evaluation", "optimizer", "deepspeed", "checkpoint")),
     persist_result=True,
     timeout_seconds=6 * 3600,
     **RETRY,
@@ -156,7 +156,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
 
 @task(
     name="train",
-    cache_key_fn=stage_cache_key("train"),
+    cache_key_fn=stage_cache_key("train", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3 * 24 * 3600,
     **RETRY,

@@ -160,6 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from mgpo_core.evaluation.mlflow_log import log_eval_results
 
         uri = args.tracking_uri or default_tracking_uri(cfg)
+        from mgpo_core.training.tracking import artifact_root
+
         report["mlflow_run_id"] = log_eval_results(
             results,
             tracking_uri=uri,
@@ -168,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             run_name=f"{cfg.run_name}-eval",
             model_name=args.model_name,
             model_version=args.model_version,
-            artifact_location=(Path(cfg.state_dir).resolve() / "mlartifacts").as_uri(),
+            artifact_location=artifact_root(cfg.state_dir, uri),
         )
         report["mlflow_tracking_uri"] = uri
     print(json.dumps(report, indent=2))

@@ -30,7 +30,11 @@ def resolve_tracking_uri(uri: str | None, state_dir: str | Path) -> str:
     return f"sqlite:///{state / 'mlflow.db'}"
 
 
-def artifact_root(state_dir: str | Path) -> str:
+def artifact_root(state_dir: str | Path, uri: str | None = None) -> str | None:
+    """Artifact location of a new experiment: a local folder for local stores; for an HTTP tracking server,
+    None (the server's own artifact store, e.g. object storage)."""
+    if uri and uri.startswith(("http://", "https://")):
+        return None
     return (Path(state_dir).resolve() / "mlartifacts").as_uri()
 
 
@@ -62,7 +66,7 @@ def ensure_run(
     exp_id = (
         exp.experiment_id
         if exp
-        else client.create_experiment(experiment, artifact_location=artifact_root(state_dir))
+        else client.create_experiment(experiment, artifact_location=artifact_root(state_dir, uri))
     )
     del mlflow
     return client.create_run(exp_id, run_name=run_name).info.run_id
