@@ -70,7 +70,9 @@ def test_tiny_cpu_preset_is_sized_for_a_cpu() -> None:
     assert (cfg.rollout.max_new_tokens_turn1, cfg.rollout.max_new_tokens_turn2) == (48, 32)
     # The response cap counts the inserted turn-2 prompt too: room for both turns plus a max-size crop image.
     r = cfg.rollout
-    assert r.max_response_tokens >= r.max_new_tokens_turn1 + r.max_new_tokens_turn2 + r.max_pixels // 28**2 + 200
+    assert (
+        r.max_response_tokens >= r.max_new_tokens_turn1 + r.max_new_tokens_turn2 + r.max_pixels // 28**2 + 200
+    )
     assert (cfg.rollout.min_pixels, cfg.rollout.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
     assert (cfg.algorithm.prompts_per_step, cfg.algorithm.mini_batch_prompts) == (4, 2)
     assert (cfg.algorithm.micro_batch_size, cfg.algorithm.total_steps) == (4, 4)
@@ -110,11 +112,17 @@ def test_paper_preset_has_every_constant_of_method_section_2(model_dir_env: Path
 
 def test_every_value_line_of_paper_preset_cites_its_source() -> None:
     text = (REPO_ROOT / "mgpo_core" / "presets" / f"{PAPER}.yaml").read_text(encoding="utf-8")
-    value_lines = [ln for ln in text.splitlines()
-                   if ln.startswith("  ") and not ln.lstrip().startswith("#") and ":" in ln]
+    value_lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("  ") and not ln.lstrip().startswith("#") and ":" in ln
+    ]
     assert value_lines
-    uncited = [ln for ln in value_lines if "#" not in ln or not any(s in ln for s in ("M§", "ours", "DESIGN",
-                                                                                    "preset name"))]
+    uncited = [
+        ln
+        for ln in value_lines
+        if "#" not in ln or not any(s in ln for s in ("M§", "ours", "DESIGN", "preset name"))
+    ]
     assert uncited == []
 
 
@@ -135,8 +143,13 @@ def test_nested_override_changes_only_that_value() -> None:
 
 
 def test_list_and_null_overrides_are_parsed_as_yaml() -> None:
-    cfg = load_config(overrides=["evaluation.benchmarks=[vstar, synthetic]", "model.path=null",
-                                 "optimizer.betas=[0.8, 0.95]"])
+    cfg = load_config(
+        overrides=[
+            "evaluation.benchmarks=[vstar, synthetic]",
+            "model.path=null",
+            "optimizer.betas=[0.8, 0.95]",
+        ]
+    )
     assert cfg.evaluation.benchmarks == ["vstar", "synthetic"]
     assert cfg.model.path is None
     assert cfg.optimizer.betas == (0.8, 0.95)
@@ -230,7 +243,9 @@ def test_rejected_assignment_raises_config_error_and_keeps_the_old_value() -> No
 
 
 def test_cross_section_conflicts_are_rejected_with_a_fix() -> None:
-    with pytest.raises(ConfigError, match=r"model.dtype: bf16 training cannot run a float16 model.*set model"):
+    with pytest.raises(
+        ConfigError, match=r"model.dtype: bf16 training cannot run a float16 model.*set model"
+    ):
         load_config(overrides=["deepspeed.bf16=true", "model.dtype=float16"])
     with pytest.raises(ConfigError, match=r"deepspeed.offload_params: needs ZeRO stage 3"):
         load_config(overrides=["deepspeed.offload_params=true"])
@@ -241,7 +256,9 @@ def test_cross_section_conflicts_are_rejected_with_a_fix() -> None:
 def test_promotion_metric_must_name_an_evaluated_benchmark() -> None:
     with pytest.raises(ConfigError, match="evaluation.promotion_metric: names benchmark 'vstar'"):
         load_config(overrides=["evaluation.promotion_metric=eval/vstar/overall"])
-    ok = load_config(overrides=["evaluation.benchmarks=[vstar]", "evaluation.promotion_metric=eval/vstar/overall"])
+    ok = load_config(
+        overrides=["evaluation.benchmarks=[vstar]", "evaluation.promotion_metric=eval/vstar/overall"]
+    )
     assert ok.evaluation.promotion_metric == "eval/vstar/overall"
 
 
@@ -273,7 +290,9 @@ def test_template_with_single_braces_gets_the_doubling_hint() -> None:
 
 
 def test_turn2_template_without_choices_is_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"rollout.turn2_fallback_template: missing placeholder\(s\) \{choices\}"):
+    with pytest.raises(
+        ConfigError, match=r"rollout.turn2_fallback_template: missing placeholder\(s\) \{choices\}"
+    ):
         load_config(overrides=["rollout.turn2_fallback_template='Try again: {question}'"])
 
 
@@ -288,16 +307,25 @@ def test_hash_is_sixteen_hex_chars_and_repeatable() -> None:
 
 def test_hash_ignores_key_order_of_the_source() -> None:
     data = load_config().model_dump()
-    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
-                 for k, v in reversed(list(data.items()))}
+    reordered = {
+        k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
+        for k, v in reversed(list(data.items()))
+    }
     assert config_hash(config_from_dict(reordered)) == config_hash(config_from_dict(data))
 
 
 def test_hash_is_the_same_in_another_process() -> None:
     code = "from mgpo_core.config import config_hash, load_config; print(config_hash(load_config()))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=REPO_ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
     assert out.stdout.strip() == config_hash(load_config())
 
 
@@ -309,8 +337,15 @@ def test_hash_changes_with_a_result_relevant_field() -> None:
 
 def test_hash_ignores_tracking_names_and_locations() -> None:
     base = config_hash(load_config())
-    changed = load_config(overrides=["tracking.experiment_name=other", "tracking.run_id=abc", "run_name=x",
-                                     "state_dir=/tmp/elsewhere", "preset=custom"])
+    changed = load_config(
+        overrides=[
+            "tracking.experiment_name=other",
+            "tracking.run_id=abc",
+            "run_name=x",
+            "state_dir=/tmp/elsewhere",
+            "preset=custom",
+        ]
+    )
     assert config_hash(changed) == base
 
 
@@ -407,3 +442,14 @@ def test_describe_config_documents_every_field() -> None:
 
 def test_default_image_limit_lets_80_megapixel_originals_through() -> None:
     assert load_config().data.max_image_pixels >= 80_000_000
+
+
+def test_docs_config_reference_is_current() -> None:
+    from pathlib import Path
+
+    from mgpo_core.config import describe_config
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG_REFERENCE.md"
+    assert doc.read_text().strip() == describe_config().strip(), (
+        "docs/CONFIG_REFERENCE.md is stale: regenerate it with `.venv/bin/mgpo config describe > docs/CONFIG_REFERENCE.md`"
+    )
