@@ -95,6 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mgpo_core.modeling.loading import load_bundle, resolve_model_path
     from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
+    from mgpo_core.training.metrics import logprob_gap
 
     cfg = load_from_args(args)
     state = Path(cfg.state_dir)
@@ -143,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     loss, metrics = mgpo_loss(logp, logp.detach(), logp.detach(), adv, batch.loss_mask, ent, coefs)
     loss.backward()
-    gap = _logprob_gap(episodes, logp.detach(), batch.loss_mask)
+    gap = logprob_gap(episodes, logp.detach(), batch.loss_mask)
     n_tok = int(sum(ep.turn_length(1) + ep.turn_length(2) for ep in episodes))
     print("── batch ─────────────────────────────────────────────────────────────────")
     print(
@@ -154,19 +155,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  train-vs-rollout log-prob gap (mean |Δ| over sampled tokens) {gap:.2e}")
     print(f"  rollout {t_roll:.1f}s for {n_tok} generated tokens ({n_tok / max(t_roll, 1e-9):.0f} tokens/s)")
     return 0
-
-
-def _logprob_gap(episodes, logp, mask) -> float:  # noqa: ANN001
-    """Mean |trainer log-prob − rollout log-prob| over the tokens the engine sampled."""
-    import torch
-
-    diffs = []
-    for i, ep in enumerate(episodes):
-        lp = ep.rollout_logprobs
-        sel = torch.isfinite(lp) & (mask[i, : ep.length] > 0)
-        diffs.append((logp[i, : ep.length][sel] - lp[sel]).abs())
-    d = torch.cat(diffs) if diffs else torch.zeros(0)
-    return float(d.mean()) if d.numel() else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

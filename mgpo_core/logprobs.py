@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mgpo_core import algorithms
 from mgpo_core.episodes import Episode
 
 
@@ -94,10 +95,7 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each next-token distribution, aligned like ``logprobs_from_logits``: (B, L)."""
-    lf = logits[:, :-1].float()
-    logz = torch.logsumexp(lf, dim=-1)
-    ent = logz - (torch.softmax(lf, dim=-1) * lf).sum(-1)
-    return torch.nn.functional.pad(ent, (1, 0))
+    return torch.nn.functional.pad(algorithms.entropy_from_logits(logits[:, :-1]), (1, 0))
 
 
 def forward_hidden(model, batch: EpisodeBatch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_pipeline import SETS as PIPELINE_SETS
 
 from mgpo_core.servers import free_port, group_alive, read_records
 
@@ -45,25 +46,7 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 # The small pipeline of tests/test_pipeline.py: two RL steps on four synthetic samples.
-SETS = [
-    "algorithm.total_steps=2",
-    "algorithm.prompts_per_step=2",
-    "algorithm.mini_batch_prompts=2",
-    "algorithm.micro_batch_size=4",
-    "rollout.n=2",
-    "rollout.engine=hf",
-    "rollout.max_new_tokens_turn1=8",
-    "rollout.max_new_tokens_turn2=4",
-    "rollout.min_pixels=3136",
-    "rollout.max_pixels=12544",
-    "data.synthetic_train=4",
-    "data.synthetic_eval=4",
-    "data.synthetic_width=448",
-    "data.synthetic_height=336",
-    "evaluation.max_new_tokens=8",
-    "evaluation.limit=4",
-    "checkpoint.every_steps=1",
-]
+SETS = PIPELINE_SETS
 MODEL = "mgpo-policy"
 
 
