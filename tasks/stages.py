@@ -88,7 +88,7 @@ def filter_task(
     ``inputs_fingerprint`` (sizes and mtimes of the input files) is only there for the cache key.
     """
     from mgpo_core.data.stage import run_filter_stage
-    from mgpo_core.data.synthetic import write_synthetic_split
+    from mgpo_core.data.synthetic import synthetic_split_for
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
@@ -98,23 +98,7 @@ def filter_task(
     eval_path = cfg.data.eval_path
     if not inputs:
         d = cfg.data
-        base = state / "data" / f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}"
-        train = write_synthetic_split(
-            base / "train",
-            d.synthetic_train,
-            seed=d.shuffle_seed,
-            width=d.synthetic_width,
-            height=d.synthetic_height,
-            split="train",
-        )
-        ev = write_synthetic_split(
-            base / "eval",
-            d.synthetic_eval,
-            seed=d.shuffle_seed,
-            width=d.synthetic_width,
-            height=d.synthetic_height,
-            split="eval",
-        )
+        train, ev = synthetic_split_for(cfg, "train"), synthetic_split_for(cfg, "eval")
         inputs, eval_path = [str(train)], eval_path or str(ev)
         log.info(
             "no inputs given: generated the synthetic set (%d train, %d eval)",

@@ -363,3 +363,24 @@ def read_samples_jsonl(path: str | Path) -> list[Sample]:
     return [
         Sample.from_dict(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()
     ]
+
+
+def synthetic_split_for(cfg: Any, split: str) -> Path:
+    """The config's synthetic ``train`` or ``eval`` split under ``<state_dir>/data/``, generated once; its JSONL path.
+
+    The folder name carries everything that shapes the split (seed, size, count), so a cached split is reused
+    only when it is the one the config asks for.
+    """
+    d = cfg.data
+    count = d.synthetic_train if split == "train" else d.synthetic_eval
+    out = (
+        Path(cfg.state_dir)
+        / "data"
+        / (f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}-{split}{count}")
+    )
+    jsonl = out / "samples.jsonl"
+    if not jsonl.exists():
+        write_synthetic_split(
+            out, count, seed=d.shuffle_seed, width=d.synthetic_width, height=d.synthetic_height, split=split
+        )
+    return jsonl

@@ -15,7 +15,7 @@ from mgpo_core.data.schema import Sample
 
 def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
     """``data.train_path`` (a dataset directory with samples.jsonl, or a JSONL file) or the synthetic train split."""
-    from mgpo_core.data.synthetic import read_samples_jsonl, write_synthetic_split
+    from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_split_for
 
     if cfg.data.train_path:
         path = Path(cfg.data.train_path)
@@ -24,22 +24,7 @@ def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
         if not path.exists():
             raise FileNotFoundError(f"data.train_path: {path} does not exist; run `mgpo data filter` first")
         return read_samples_jsonl(path)
-    d = cfg.data
-    out = (
-        Path(cfg.state_dir)
-        / "data"
-        / f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}-train{d.synthetic_train}"
-    )
-    jsonl = out / "samples.jsonl"
-    if not jsonl.exists():
-        write_synthetic_split(
-            out,
-            d.synthetic_train,
-            seed=d.shuffle_seed,
-            width=d.synthetic_width,
-            height=d.synthetic_height,
-            split="train",
-        )
+    jsonl = synthetic_split_for(cfg, "train")
     return read_samples_jsonl(jsonl)
 
 
