@@ -89,10 +89,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
-    from mgpo_core.data.synthetic import iter_synthetic_samples
+    from mgpo_core.data.synthetic import iter_synthetic_samples, synthetic_options
     from mgpo_core.episodes import PromptTemplates
     from mgpo_core.logprobs import collate_episodes, token_logprobs
-    from mgpo_core.modeling.loading import load_bundle, resolve_model_path
+    from mgpo_core.modeling.loading import load_bundle, model_dir_for
     from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
     from mgpo_core.training.metrics import logprob_gap
@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_from_args(args)
     state = Path(cfg.state_dir)
     t0 = time.perf_counter()
-    path = resolve_model_path(cfg.model.path, cache_root=state / "models", tiny_seed=cfg.model.tiny_seed)
+    path = model_dir_for(cfg)
     bundle = load_bundle(path, dtype=cfg.model.dtype)
     print(
         f"model     {path} ({sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f} M parameters, "
@@ -110,10 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         iter_synthetic_samples(
             state / "data" / "demo",
             args.prompts,
-            seed=cfg.data.shuffle_seed,
-            width=cfg.data.synthetic_width,
-            height=cfg.data.synthetic_height,
             split="demo",
+            **synthetic_options(cfg),
         )
     )
     engine = HFRolloutEngine(

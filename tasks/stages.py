@@ -198,7 +198,7 @@ def register_task(
             "mgpo.config_hash": config_hash(cfg),
             "mgpo.dataset_hash": train["dataset_hash"],
             "mgpo.train_run_id": train.get("mlflow_run_id") or "",
-            "mgpo.base_model": cfg.model.path or f"tiny-seed{cfg.model.tiny_seed}",
+            "mgpo.base_model": cfg.model.path or f"tiny-{cfg.model.tiny}-seed{cfg.model.tiny_seed}",
         },
         parent_run_id=parent_run_id,
     )

@@ -16,7 +16,7 @@ FORMAT_CHOICES = ("auto", "mgpo", "mme-realworld", "vstar", "vstar-parquet", "hr
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from mgpo_core.cli import load_from_args
-    from mgpo_core.data.synthetic import write_synthetic_dataset
+    from mgpo_core.data.synthetic import synthetic_options, write_synthetic_dataset
 
     cfg = load_from_args(args)
     t0 = time.perf_counter()
@@ -24,9 +24,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         args.out,
         args.train,
         args.eval,
-        seed=cfg.data.shuffle_seed if args.seed is None else args.seed,
-        width=args.width or cfg.data.synthetic_width,
-        height=args.height or cfg.data.synthetic_height,
+        **{
+            **synthetic_options(cfg),
+            "seed": cfg.data.shuffle_seed if args.seed is None else args.seed,
+            "width": args.width or cfg.data.synthetic_width,
+            "height": args.height or cfg.data.synthetic_height,
+        },
         image_format=args.image_format,
         overview_max_pixels=cfg.rollout.max_pixels,
         workers=args.workers,

@@ -10,6 +10,7 @@ make "any glyph in the image" guesses useless: the model has to find the white o
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -60,9 +61,12 @@ JPEG_OPTIONS = {
 PNG_OPTIONS = {"compress_level": 1}  # level 1 encodes a textured 4K image ~3x faster than the default 6
 
 
-def content_box(side: int) -> tuple[int, int, int, int]:
-    """Box ``(x1, y1, x2, y2)``, relative to a tag of ``side`` pixels, that its content fills (about 60 %)."""
-    margin = max(2, round(side * 0.2))
+def content_box(side: int, fraction: float = 0.6) -> tuple[int, int, int, int]:
+    """Box ``(x1, y1, x2, y2)``, relative to a tag of ``side`` pixels, that its content fills (``fraction`` of
+    the side, centred; 60 % by default)."""
+    if not 0.05 <= fraction <= 0.9:
+        raise ValueError(f"content fraction {fraction} must be between 0.05 and 0.9 of the tag side")
+    margin = max(2, round(side * (1 - fraction) / 2))
     return margin, margin, side - margin, side - margin
 
 
@@ -106,19 +110,25 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 
 def render_tag(
-    kind: str, value: str, side: int, *, background: tuple[int, int, int] = TAG_WHITE
+    kind: str,
+    value: str,
+    side: int,
+    *,
+    background: tuple[int, int, int] = TAG_WHITE,
+    mark_fraction: float = 0.6,
 ) -> Image.Image:
     """A ``side x side`` RGB tag: dark border, ``background`` fill, and its content (the attribute asked about).
 
     ``kind`` "colour" draws a disc of colour ``value``; "shape" draws shape ``value`` in ink; "text" writes the
-    character ``value`` in ink. The generator pastes exactly this image, so tests can use it as a template.
+    character ``value`` in ink, each filling ``mark_fraction`` of the side. The generator pastes exactly this
+    image, so tests can use it as a template.
     """
     if kind not in VOCABULARY or value not in VOCABULARY[kind]:
         raise ValueError(f"render_tag: {value!r} is not a {kind!r} value; use one of {VOCABULARY.get(kind)}")
     tag = Image.new("RGB", (side, side), background)
     draw = ImageDraw.Draw(tag)
     draw.rectangle((0, 0, side - 1, side - 1), outline=INK, width=max(1, side // 14))
-    box = content_box(side)
+    box = content_box(side, mark_fraction)
     if kind == "colour":
         draw.ellipse(box, fill=COLOURS[value])
     elif kind == "shape":
@@ -175,10 +185,15 @@ def make_synthetic_image(
     overview_max_pixels: int = PAPER_MAX_PIXELS,
     min_target_px: int = 16,
     max_overview_px: float = 4.0,
+    mark_fraction: float = 0.6,
+    decoys: int | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """One image and its target ``{"kind", "value", "box": (x1, y1, x2, y2), "content_box"}`` (original pixels).
 
     Clutter never reaches the brightness of the white tag, so "the small white tag" names exactly one object.
+    ``mark_fraction`` is the share of the tag's side its content fills: a large tag with a small mark is easy to
+    find in the overview yet needs a close-up to read (the tiny model's setting). ``decoys`` fixes the number of
+    grey decoy tags (default: ``decoys_per_megapixel``, at least 2).
     """
     if width < 4 * min_target_px or height < 4 * min_target_px:
         raise ValueError(
@@ -208,18 +223,23 @@ def make_synthetic_image(
         max_overview_px=max_overview_px,
         rng=rng,
     )
-    for _ in range(max(2, round(decoys_per_megapixel * megapixels))):
+    n_decoys = max(2, round(decoys_per_megapixel * megapixels)) if decoys is None else decoys
+    for _ in range(n_decoys):
         decoy_kind = rng.choice(KINDS)
         grey = rng.randint(140, 185)
         decoy = render_tag(
-            decoy_kind, rng.choice(VOCABULARY[decoy_kind]), side, background=(grey, grey, grey)
+            decoy_kind,
+            rng.choice(VOCABULARY[decoy_kind]),
+            side,
+            background=(grey, grey, grey),
+            mark_fraction=mark_fraction,
         )
         img.paste(decoy, (rng.randint(0, width - side), rng.randint(0, height - side)))
     value = rng.choice(VOCABULARY[kind])
     # Keep the target a tag-width away from the border so any box around it can be cropped.
     x, y = rng.randint(side, width - 2 * side), rng.randint(side, height - 2 * side)
-    img.paste(render_tag(kind, value, side), (x, y))
-    c = content_box(side)
+    img.paste(render_tag(kind, value, side, mark_fraction=mark_fraction), (x, y))
+    c = content_box(side, mark_fraction)
     return img, {
         "kind": kind,
         "value": value,
@@ -249,6 +269,8 @@ def _one_sample(
     image_format: str,
     overview_max_pixels: int,
     min_target_px: int,
+    mark_fraction: float = 0.6,
+    decoys: int | None = None,
 ) -> Sample:
     # One generator per image: image i does not depend on how many came before (parallel and resumable).
     rng = random.Random(f"mgpo-synthetic:{seed}:{split}:{i}")
@@ -259,6 +281,8 @@ def _one_sample(
         kind=rng.choice(kinds),
         overview_max_pixels=overview_max_pixels,
         min_target_px=min_target_px,
+        mark_fraction=mark_fraction,
+        decoys=decoys,
     )
     ext = "jpg" if image_format == "jpeg" else "png"
     path = out / f"{split}-{i:05d}.{ext}"
@@ -295,13 +319,15 @@ def iter_synthetic_samples(
     image_format: Literal["jpeg", "png"] = "jpeg",
     overview_max_pixels: int = PAPER_MAX_PIXELS,
     min_target_px: int = 16,
+    mark_fraction: float = 0.6,
+    decoys: int | None = None,
     workers: int = 1,
 ) -> Iterator[Sample]:
     """Write ``count`` images under ``out_dir`` and yield their samples in order (deterministic from ``seed``).
 
     ``kinds`` picks the attributes asked about; ``overview_max_pixels`` is the overview budget the tag must be
     illegible at (the paper's 1280·28² by default; pass ``rollout.max_pixels``); ``workers`` > 1 generates in
-    that many processes (same bytes as one). JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
+    that many processes (same bytes as one); ``mark_fraction`` and ``decoys`` as :func:`make_synthetic_image`. JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
     of magnitude faster than PNG; ``image_format="png"`` gives lossless files.
     """
     bad = [k for k in kinds if k not in KINDS]
@@ -323,6 +349,8 @@ def iter_synthetic_samples(
         image_format=image_format,
         overview_max_pixels=overview_max_pixels,
         min_target_px=min_target_px,
+        mark_fraction=mark_fraction,
+        decoys=decoys,
     )
     if workers <= 1 or count <= 1:
         for i in range(count):
@@ -365,22 +393,39 @@ def read_samples_jsonl(path: str | Path) -> list[Sample]:
     ]
 
 
+def synthetic_options(cfg: Any) -> dict[str, Any]:
+    """The generator keyword arguments a config asks for (everything but the output folder, count and split).
+
+    One place maps ``data.synthetic_*`` to :func:`iter_synthetic_samples`, so the filter stage, the synthetic
+    benchmark, the demo and the base model's pre-training scenes draw the same kind of picture.
+    """
+    d = cfg.data
+    return {
+        "seed": d.shuffle_seed,
+        "width": d.synthetic_width,
+        "height": d.synthetic_height,
+        "kinds": tuple(d.synthetic_kinds),
+        "min_target_px": d.synthetic_tag_px,
+        "mark_fraction": d.synthetic_mark_fraction,
+        "decoys": d.synthetic_decoys,
+    }
+
+
 def synthetic_split_for(cfg: Any, split: str) -> Path:
     """The config's synthetic ``train`` or ``eval`` split under ``<state_dir>/data/``, generated once; its JSONL path.
 
-    The folder name carries everything that shapes the split (seed, size, count), so a cached split is reused
-    only when it is the one the config asks for.
+    The folder name carries everything that shapes the split (seed, size, count, and a digest of the other
+    generator options), so a cached split is reused only when it is the one the config asks for.
     """
     d = cfg.data
     count = d.synthetic_train if split == "train" else d.synthetic_eval
-    out = (
-        Path(cfg.state_dir)
-        / "data"
-        / (f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}-{split}{count}")
-    )
+    opts = synthetic_options(cfg)
+    name = f"synthetic-{d.shuffle_seed}-{d.synthetic_width}x{d.synthetic_height}-{split}{count}"
+    extra = {k: opts[k] for k in ("kinds", "min_target_px", "mark_fraction", "decoys")}
+    if extra != {"kinds": KINDS, "min_target_px": 16, "mark_fraction": 0.6, "decoys": None}:
+        name += "-" + hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(cfg.state_dir) / "data" / name
     jsonl = out / "samples.jsonl"
     if not jsonl.exists():
-        write_synthetic_split(
-            out, count, seed=d.shuffle_seed, width=d.synthetic_width, height=d.synthetic_height, split=split
-        )
+        write_synthetic_split(out, count, split=split, **opts)
     return jsonl

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mgpo_core.data.schema import Sample
-from mgpo_core.data.synthetic import read_samples_jsonl, write_synthetic_split
+from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_options, write_synthetic_split
 from mgpo_core.evaluation.registry import (
     BenchmarkSpec,
     ReadContext,
@@ -144,12 +144,7 @@ def _read_synthetic(ctx: ReadContext) -> list[Sample]:
     if ctx.path is None:
         d = ctx.cfg.data
         path = write_synthetic_split(
-            ctx.work_dir / "synthetic",
-            d.synthetic_eval,
-            seed=d.shuffle_seed,
-            width=d.synthetic_width,
-            height=d.synthetic_height,
-            split="eval",
+            ctx.work_dir / "synthetic", d.synthetic_eval, split="eval", **synthetic_options(ctx.cfg)
         )
     else:
         path = ctx.path / "samples.jsonl" if ctx.path.is_dir() else ctx.path

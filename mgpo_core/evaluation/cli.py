@@ -39,13 +39,11 @@ def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
     import torch
 
     from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.modeling.loading import load_bundle, resolve_model_path
+    from mgpo_core.modeling.loading import load_bundle, model_dir_for
     from mgpo_core.rollout import ENGINES, RolloutSettings, resolve_engine_name
 
     engine = resolve_engine_name(name or cfg.rollout.engine)
-    path = resolve_model_path(
-        cfg.model.path, cache_root=Path(cfg.state_dir) / "models", tiny_seed=cfg.model.tiny_seed
-    )
+    path = model_dir_for(cfg)
     if engine == "hf":
         bundle = load_bundle(
             path,

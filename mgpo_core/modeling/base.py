@@ -1,0 +1,396 @@
+"""Build the tiny *base* Qwen2.5-VL: the random tiny architecture, pre-trained offline on synthetic tasks so it
+has the latent skills MGPO starts from (it can box a described object and read a close-up), deterministically
+from a seed, on a CPU.
+
+The recipe is staged because a randomly initialised VLM mixed straight into long prompts learns formats but not
+vision (ENVIRONMENT.md): first ``read`` (the vision path learns colours from close-ups), then ``locate`` joins,
+then the two-image and guess items and long random system prompts. Progress is watched through held-out
+accuracies and the gap between the loss with real and with zeroed pixels.
+
+The result is an ordinary Hugging Face directory (loads through the stock ``Auto*`` classes and vLLM like the
+random tiny model) with ``mgpo_base.json``: builder version, seed, recipe, per-stage probe metrics, build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mgpo_core.modeling import tiny
+from mgpo_core.modeling.base_tasks import TASKS, PretrainItem, SceneSpec, make_item, make_scene
+
+BASE_BUILDER_VERSION = "1"
+"""Bumped whenever the built weights would change for the same recipe and seed (cache key, manifest)."""
+
+MANIFEST = "mgpo_base.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage: ``steps`` optimiser steps on a task mix (weights by task name)."""
+
+    name: str
+    steps: int
+    mix: dict[str, float]
+    long_system: bool = False
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """Everything that determines the base model besides the seed (hashed into the cache key)."""
+
+    scene: SceneSpec = field(default_factory=SceneSpec)
+    stages: tuple[Stage, ...] = (
+        Stage("vision", 150, {"read": 1.0}),
+        Stage("locate", 250, {"read": 0.3, "locate": 0.7}),
+        Stage("mixed", 250, {"read": 0.3, "locate": 0.4, "read2": 0.3}, long_system=True),
+    )
+    batch_size: int = 32
+    scenes: int = 3000
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    text_hidden: int = 256
+    text_layers: int = 4
+    vision_hidden: int = 128
+    vision_depth: int = 4
+    rope_theta: float = 100.0
+
+    def digest(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
+    """The base model's ``Qwen2_5_VLConfig``: the tiny architecture, wider and deeper (~4 M parameters).
+
+    Head dim 64 (vLLM's CPU attention needs one of its supported sizes); ``rope_theta`` 100 so neighbouring
+    image rows and columns rotate measurably apart in M-RoPE.
+    """
+    heads = recipe.text_hidden // 64
+    text = {
+        "hidden_size": recipe.text_hidden,
+        "intermediate_size": 2 * recipe.text_hidden,
+        "num_hidden_layers": recipe.text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": 64,
+        # mrope sections (t, h, w) in rotary pairs; they sum to head_dim / 2
+        "rope_parameters": {"rope_type": "default", "rope_theta": recipe.rope_theta, "mrope_section": [8, 12, 12]},
+    }
+    vision = {
+        "hidden_size": recipe.vision_hidden,
+        "intermediate_size": 2 * recipe.vision_hidden,
+        "depth": recipe.vision_depth,
+        "num_heads": recipe.vision_hidden // 64,
+        "out_hidden_size": recipe.text_hidden,
+        "fullatt_block_indexes": list(range(1, recipe.vision_depth, 2)),
+    }
+    return tiny.model_config(tokenizer, text=text, vision=vision)
+
+
+class ItemEncoder:
+    """Token ids, loss mask and image tensors of pre-training items (the chat layout of the episode builder)."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, special: Any) -> None:
+        self.tokenizer, self.image_processor, self.special = tokenizer, image_processor, special
+        self._nl = self.text("\n")
+
+    def text(self, s: str) -> list[int]:
+        return list(self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def encode(self, item: PretrainItem) -> dict[str, Any]:
+        import torch
+
+        from mgpo_core.episodes import encode_image
+
+        s = self.special
+        ims = [encode_image(self.image_processor, im) for im in item.images]
+        ids: list[int] = []
+        if item.system:
+            ids += [s.im_start, *self.text("system\n"), *self.text(item.system), s.im_end, *self._nl]
+        body: list[int] = []
+        for im in ims:
+            body += [s.vision_start] + [s.image_pad] * im.n_tokens + [s.vision_end]
+        body += self.text(item.user_text)
+        ids += [s.im_start, *self.text("user\n"), *body, s.im_end, *self._nl, s.im_start, *self.text("assistant\n")]
+        prompt_len = len(ids)
+        ids += [*self.text(item.reply), s.im_end]
+        return {
+            "ids": torch.tensor(ids),
+            "prompt_len": prompt_len,
+            "pixels": torch.cat([im.pixel_values for im in ims]),
+            "grid": torch.stack([im.grid_thw for im in ims]),
+        }
+
+
+def collate(encoded: Sequence[dict[str, Any]], model: Any, pad_id: int, image_pad: int) -> dict[str, Any]:
+    import torch
+
+    from mgpo_core.logprobs import _rope_owner
+
+    width = max(e["ids"].numel() for e in encoded)
+    b = len(encoded)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = e["ids"].numel()
+        ids[i, :n], attn[i, :n] = e["ids"], 1
+        labels[i, e["prompt_len"] : n] = e["ids"][e["prompt_len"] :]
+    mm = (ids == image_pad).to(torch.int32)
+    grid = torch.cat([e["grid"] for e in encoded])
+    with torch.no_grad():
+        pos, _ = _rope_owner(model).get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=attn)
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": pos,
+        "mm_token_type_ids": mm,
+        "pixel_values": torch.cat([e["pixels"] for e in encoded]),
+        "image_grid_thw": grid,
+        "labels": labels,
+    }
+
+
+def reply_loss(model: Any, batch: dict[str, Any], *, zero_pixels: bool = False) -> tuple[Any, Any]:
+    """Mean next-token loss over reply tokens and per-item exact-match of the argmax (teacher-forced) replies."""
+    import torch
+
+    pv = batch["pixel_values"]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        pixel_values=torch.zeros_like(pv) if zero_pixels else pv,
+        image_grid_thw=batch["image_grid_thw"],
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+    loss = (loss * mask).sum() / mask.sum()
+    exact = ((logits.argmax(-1) == target) | ~mask).all(dim=1)
+    return loss, exact
+
+
+@dataclass
+class _Pool:
+    """Scenes drawn once and reused across steps (each use is a fresh item: other prompt, crop and options)."""
+
+    spec: SceneSpec
+    seed: int
+    size: int
+    scenes: list[Any] = field(default_factory=list)
+
+    def fill(self, progress: Callable[[str], None] | None = None) -> None:
+        from mgpo_core.modeling.base_tasks import Scene  # noqa: F401 - for the type in the list
+
+        self.scenes = [make_scene(f"mgpo-base:{self.seed}:{i}", self.spec) for i in range(self.size)]
+
+
+def _items(rng: random.Random, pool: _Pool, mix: dict[str, float], n: int, long_system: bool) -> list[PretrainItem]:
+    tasks = list(mix)
+    weights = [mix[t] for t in tasks]
+    out = []
+    for _ in range(n):
+        task = rng.choices(tasks, weights)[0]
+        out.append(make_item(task, rng.choice(pool.scenes), rng, pool.spec, long_system=long_system))
+    return out
+
+
+def _probe(model: Any, encoder: ItemEncoder, probe_sets: dict[str, list[dict[str, Any]]], special: Any) -> dict[str, float]:
+    """Held-out teacher-forced exact match per task and the real-vs-zeroed-pixel loss gap."""
+    import torch
+
+    model.eval()
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        for task, enc in probe_sets.items():
+            batch = collate(enc, model, special.pad, special.image_pad)
+            loss, exact = reply_loss(model, batch)
+            zloss, _ = reply_loss(model, batch, zero_pixels=True)
+            metrics[f"{task}/exact"] = float(exact.float().mean())
+            metrics[f"{task}/loss"] = float(loss)
+            metrics[f"{task}/pixel_gap"] = float(zloss - loss)
+    model.train()
+    return metrics
+
+
+def pretrain_base(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    recipe: BaseRecipe | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build and pre-train the base model into ``out_dir`` (must be empty or absent); returns the directory."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mgpo_core.modeling.loading import load_image_processor, special_tokens_from
+
+    recipe = recipe or BaseRecipe()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"pretrain_base: {out} is not empty; choose an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    tokenizer = tiny.build_tokenizer()
+    config = base_model_config(tokenizer, recipe)
+    tokenizer.save_pretrained(out)
+    for name, content in tiny.processor_files().items():
+        (out / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(config.to_json_string())  # lets the processor loader see a checkpoint
+    image_processor = load_image_processor(out)
+    special = special_tokens_from(tokenizer, config.text_config.vocab_size)
+    encoder = ItemEncoder(tokenizer, image_processor, special)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        model.train()
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"build-base: {n_params / 1e6:.2f} M parameters, {recipe.total_steps()} steps, recipe {recipe.digest()}")
+
+        pool = _Pool(recipe.scene, seed, recipe.scenes)
+        t0 = time.monotonic()
+        pool.fill()
+        log(f"build-base: drew {len(pool.scenes)} scenes in {time.monotonic() - t0:.0f} s")
+        held_out = _Pool(recipe.scene, seed + 10_000, 48)
+        held_out.fill()
+        prng = random.Random(f"mgpo-base-probe:{seed}")
+        probe_sets = {
+            task: [encoder.encode(make_item(task, sc, prng, recipe.scene, long_system=True)) for sc in held_out.scenes]
+            for task in ("read", "locate", "read2")
+        }
+
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=recipe.stages[0].lr,
+            betas=(0.9, 0.98),
+        )
+        rng = random.Random(f"mgpo-base-items:{seed}")
+        history: list[dict[str, Any]] = []
+        bar = tqdm(total=recipe.total_steps(), desc="build-base", disable=not progress, dynamic_ncols=True)
+        step = 0
+        for stage in recipe.stages:
+            for k in range(stage.steps):
+                # per-stage warmup then cosine to 10 % of the stage's lr
+                frac = k / max(1, stage.steps)
+                lr = stage.lr * min(1.0, (k + 1) / recipe.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                items = _items(rng, pool, stage.mix, recipe.batch_size, stage.long_system)
+                batch = collate([encoder.encode(it) for it in items], model, special.pad, special.image_pad)
+                loss, _ = reply_loss(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(stage=stage.name, loss=f"{float(loss):.3f}")
+                if step % 50 == 0 or k == stage.steps - 1:
+                    m = _probe(model, encoder, probe_sets, special)
+                    history.append({"step": step, "stage": stage.name, "train_loss": float(loss), **m})
+                    log(
+                        f"build-base: step {step} [{stage.name}] loss {float(loss):.3f} | "
+                        + " ".join(f"{t} {m[f'{t}/exact']:.2f} (gap {m[f'{t}/pixel_gap']:.2f})" for t in probe_sets)
+                    )
+        bar.close()
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    manifest = {
+        "builder": "mgpo_core.modeling.base",
+        "builder_version": BASE_BUILDER_VERSION,
+        "seed": seed,
+        "recipe": asdict(recipe),
+        "recipe_digest": recipe.digest(),
+        "parameters": n_params,
+        "build_seconds": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        "history": history,
+        "tasks": list(TASKS),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    log(f"build-base: done in {manifest['build_seconds']:.0f} s -> {out}")
+    return out
+
+
+def base_model_dir(cache_root: str | Path, seed: int = 0, recipe: BaseRecipe | None = None, **kw: Any) -> Path:
+    """``<cache_root>/base-qwen2.5-vl-<version>-<recipe digest>-seed<seed>``, pre-trained once if absent.
+
+    Built in a temporary sibling renamed into place under a lock (concurrent callers wait, then reuse it).
+    """
+    recipe = recipe or BaseRecipe()
+    root = Path(cache_root).expanduser()
+    final = root / f"base-qwen2.5-vl-{BASE_BUILDER_VERSION}-{recipe.digest()}-seed{seed}"
+    done = lambda p: (p / MANIFEST).is_file() and (p / "model.safetensors").is_file()  # noqa: E731
+    if done(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with tiny._exclusive_lock(root / f".{final.name}.lock"):
+        if done(final):
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        os.chmod(tmp, 0o755)
+        try:
+            shutil.rmtree(tmp)
+            pretrain_base(tmp, seed=seed, recipe=recipe, **kw)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+SHIPPED_DIR = Path(__file__).with_name("weights")
+"""Base models built once with the default recipe and committed with the project (see docs/REPRODUCTION.md)."""
+
+
+def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | None:
+    """The committed base model for ``seed`` if it was built by this builder version and this recipe."""
+    recipe = recipe or BaseRecipe()
+    path = SHIPPED_DIR / f"tiny-base-seed{seed}"
+    try:
+        note = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if note.get("builder_version") != BASE_BUILDER_VERSION or note.get("recipe_digest") != recipe.digest():
+        return None
+    return path if (path / "model.safetensors").is_file() else None
+
+
+def base_model_for(cache_root: str | Path, seed: int = 0, **kw: Any) -> Path:
+    """The base model for ``seed``: the shipped one when it matches the current recipe, else built and cached."""
+    return shipped_base_dir(seed) or base_model_dir(cache_root, seed, **kw)
