@@ -151,6 +151,7 @@ def test_auto_engine_is_vllm_exactly_when_vllm_is_importable():
 
 _TWO_RANKS = """
 import json, sys, torch, torch.distributed as dist
+from pathlib import Path
 from mgpo_core.config import load_config
 from mgpo_core.modeling.loading import load_bundle
 from mgpo_core.rollout import ENGINES, GenerationRequest, SamplingSpec
@@ -170,7 +171,12 @@ def main():
     eng.close()
     total = torch.tensor([1])
     dist.all_reduce(total)  # the trainer's group must survive the engine
-    print("RESULT " + json.dumps({"backend": backend, "changed": before != after, "ranks": int(total)}))
+    result = {"backend": backend, "changed": before != after, "ranks": int(total)}
+    # One file per rank: two ranks printing to one pipe can interleave their lines.
+    out = Path(sys.argv[2]) / f"result-rank{dist.get_rank()}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
@@ -190,12 +196,16 @@ def test_two_trainer_ranks_each_host_an_engine_inside_their_process_group(tiny_d
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*run, str(script), str(tiny_dir)]
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    cmd = [*run, str(script), str(tiny_dir), str(results_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     out = proc.stdout + proc.stderr
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    files = sorted(results_dir.glob("result-rank*.json"))
+    assert [f.name for f in files] == ["result-rank0.json", "result-rank1.json"], out[-3000:]
+    results = [json.loads(f.read_text()) for f in files]
     assert results == [{"backend": "external_launcher", "changed": True, "ranks": 2}] * 2
 
 
@@ -367,11 +377,11 @@ class TestVLLMOnCPU:
     def test_weight_push_after_a_training_step_reaches_the_engine(
         self, vllm_engine, tiny_dir, tiny_bundle, tiny_cfg, synthetic_samples, record_property
     ):
-        samples, pad = synthetic_samples[:2], tiny_bundle.special.pad
+        samples, sp = synthetic_samples[:2], tiny_bundle.special
         trained, hf_trained = _trained_copy(tiny_dir, tiny_cfg, samples)
         before = vllm_engine.generate_episodes(samples, n=1, greedy=True)
         try:
-            stale_gap = _logprob_gap(trained, vllm_engine.generate_episodes(samples, n=2, seed=4), pad)
+            stale_gap = _logprob_gap(trained, vllm_engine.generate_episodes(samples, n=2, seed=4), sp)
             vllm_engine.stats.reset()
             vllm_engine.sync_weights(trained.named_parameters())
             assert vllm_engine.stats.weight_syncs == 1
@@ -379,7 +389,7 @@ class TestVLLMOnCPU:
             after = vllm_engine.generate_episodes(samples, n=1, greedy=True)
             _same_episodes(after, hf_trained.generate_episodes(samples, n=1, greedy=True))
             assert any(not torch.equal(x.input_ids, y.input_ids) for x, y in zip(before, after, strict=True))
-            gap = _logprob_gap(trained, vllm_engine.generate_episodes(samples, n=2, seed=4), pad)
+            gap = _logprob_gap(trained, vllm_engine.generate_episodes(samples, n=2, seed=4), sp)
             record_property("train_vs_rollout_logprob_gap", gap)
             record_property("stale_weights_logprob_gap", stale_gap)
             print(
@@ -437,13 +447,13 @@ def _trained_copy(tiny_dir, cfg, samples):
     return model, engine
 
 
-def _logprob_gap(model, episodes, pad_id) -> float:
+def _logprob_gap(model, episodes, special) -> float:
     """Mean |trainer log-prob − engine log-prob| over the tokens the engine sampled."""
     from mgpo_core.logprobs import collate_episodes, token_logprobs
 
-    batch = collate_episodes(episodes, model, pad_id)
-    with torch.no_grad():
-        logp, _ = token_logprobs(model, batch)
+    batch = collate_episodes(episodes, model, special.pad)
+    with torch.no_grad():  # the distribution sampled: ids the engine bans excluded
+        logp, _ = token_logprobs(model, batch, suppress_ids=special.non_text_ids())
     diffs = []
     for i, ep in enumerate(episodes):
         sampled = torch.isfinite(ep.rollout_logprobs)

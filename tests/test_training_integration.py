@@ -210,3 +210,25 @@ def test_launch_streams_the_log_returns_the_manifest_and_reports_failures(tmp_pa
     empty.mkdir()
     with pytest.raises(TrainingFailed, match="config.json"):
         launch_training(load_config("tiny-cpu", [*base, f"model.path={empty}"]), tmp_path / "bad")
+
+
+_PRINTER = """
+import sys
+from mgpo_core.training.entry import line_atomic_output
+line_atomic_output()
+for i in range(20000):
+    print(f"RESULT rank={sys.argv[1]} i={i} " + "x" * 40)
+"""
+
+
+def test_two_ranks_printing_to_one_pipe_never_merge_lines(tmp_path):
+    """Ranks share the launcher's pipe with PYTHONUNBUFFERED set (as launch_training does); without line-atomic
+    output ~40 % of such lines merged on 2 cores. Every line must arrive whole."""
+    script = tmp_path / "printer.py"
+    script.write_text(_PRINTER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = f'"{sys.executable}" {script} 0 & "{sys.executable}" {script} 1; wait'
+    out = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=120).stdout
+    lines = out.splitlines()
+    bad = [x for x in lines if x.count("RESULT") != 1]
+    assert len(lines) == 40000 and not bad, (len(lines), bad[:3])

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,13 +196,18 @@ def processor_files() -> dict[str, dict[str, Any]]:
     }
 
 
-def model_config(tokenizer: Any) -> Any:
-    """The tiny ``Qwen2_5_VLConfig``: ~0.65 M parameters, head dim 32 (vLLM's CPU attention needs >= 32)."""
+def model_config(
+    tokenizer: Any, *, text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None
+) -> Any:
+    """The tiny ``Qwen2_5_VLConfig``: ~0.65 M parameters, head dim 32 (vLLM's CPU attention needs >= 32).
+
+    ``text`` / ``vision`` override entries of the text / vision sub-configs (the base model is wider).
+    """
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // 64) * 64
-    text = {
+    text_cfg = {
         "vocab_size": vocab_size,
         "hidden_size": 128,
         "intermediate_size": 256,
@@ -217,7 +222,7 @@ def model_config(tokenizer: Any) -> Any:
         "pad_token_id": ids[ENDOFTEXT],
         "tie_word_embeddings": False,
     }
-    vision = {
+    vision_cfg = {
         "depth": 2,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -231,8 +236,8 @@ def model_config(tokenizer: Any) -> Any:
         "tokens_per_second": 2,
     }
     return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config={**text_cfg, **(text or {})},
+        vision_config={**vision_cfg, **(vision or {})},
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START],
@@ -288,13 +293,24 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, overwrite: bool = Fa
     return out
 
 
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "preprocessor_config.json",
+    "mgpo_tiny.json",
+)
+"""What a finished tiny build holds; ``mgpo_tiny.json`` is written last inside the temporary directory."""
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / "mgpo_tiny.json").is_file() and (path / "config.json").is_file()
+    return all((path / name).is_file() for name in REQUIRED_FILES)
 
 
 @contextlib.contextmanager
 def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Serialise builders across processes (POSIX flock); elsewhere fall back to tolerating the race."""
+    """Serialise builders across processes (POSIX flock, released by the kernel if the holder dies)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
@@ -308,33 +324,64 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def tiny_model_dir(cache_root: str | Path, seed: int = 0) -> Path:
-    """Return ``<cache_root>/tiny-qwen2.5-vl-<BUILDER_VERSION>-seed<seed>``, building it once if absent.
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a finished build before it is renamed into place (a crash never leaves a named,
+    half-flushed directory)."""
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
-    The build goes to a temporary sibling that is renamed into place, so a reader never sees a half-written
-    directory; a lock file makes concurrent callers wait instead of building twice, and a lost rename race
-    (another builder got there first) is tolerated.
+
+def build_atomically(
+    final: str | Path,
+    build: Callable[[Path], Any],
+    *,
+    is_complete: Callable[[Path], bool],
+) -> Path:
+    """Return ``final``, building it with ``build(tmp_dir)`` first if it is not complete.
+
+    Readers never see a partial directory: the build goes to a temporary sibling that is flushed and renamed into
+    place in one step. Concurrent callers (other ranks, other test sessions) wait on a lock file beside it and
+    then reuse the finished build instead of building again; a lock whose holder died is released by the kernel.
+    A directory at ``final`` that is not complete (debris of a non-atomic copy) is replaced. Any model or data
+    directory that several processes may build at once should go through here.
     """
-    root = Path(cache_root).expanduser()
-    final = root / f"tiny-qwen2.5-vl-{BUILDER_VERSION}-seed{seed}"
-    if _is_complete(final):
+    final = Path(final).expanduser()
+    if is_complete(final):
         return final
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(root / f".{final.name}.lock"):
-        if _is_complete(final):
+        if is_complete(final):
             return final
-        if final.exists():  # debris of an interrupted non-atomic copy; never trust it
+        if final.exists():
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
-            build_tiny_model(tmp, seed=seed, overwrite=True)
+            build(tmp)
+            if not is_complete(tmp):
+                raise RuntimeError(f"building {final} produced an incomplete directory ({tmp})")
+            _fsync_tree(tmp)
             try:
                 os.replace(tmp, final)
             except OSError:
-                if not _is_complete(final):
+                if not is_complete(final):
                     raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_model_dir(cache_root: str | Path, seed: int = 0) -> Path:
+    """Return ``<cache_root>/tiny-qwen2.5-vl-<BUILDER_VERSION>-seed<seed>``, building it once if absent.
+
+    Built through :func:`build_atomically`: a reader never sees a half-written directory, and concurrent callers
+    wait for the one build instead of building twice.
+    """
+    final = Path(cache_root).expanduser() / f"tiny-qwen2.5-vl-{BUILDER_VERSION}-seed{seed}"
+    return build_atomically(
+        final, lambda tmp: build_tiny_model(tmp, seed=seed, overwrite=True), is_complete=_is_complete
+    )

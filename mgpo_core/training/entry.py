@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mgpo_core.config import MGPOConfig, load_config
 from mgpo_core.data.schema import Sample
+from mgpo_core.modeling.loading import model_dir_for
 
 
 def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
@@ -28,7 +29,22 @@ def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
     return read_samples_jsonl(jsonl)
 
 
+def line_atomic_output() -> None:
+    """Make every line of this rank reach the shared pipe in ONE write.
+
+    Ranks share the launcher's stdout pipe; unbuffered (``PYTHONUNBUFFERED``) ``print`` writes the text and the
+    newline separately, so two ranks' lines could merge into one. Line buffering over the text layer sends each
+    whole line in one write, and a pipe never splits writes up to 4 KiB.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # pragma: no cover - replaced streams
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    line_atomic_output()
     p = argparse.ArgumentParser(description="MGPO trainer (one rank)")
     p.add_argument("--config", required=True, help="YAML written by save_config (or a preset name)")
     p.add_argument("--run-dir", required=True)
@@ -45,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed()
     samples = rank0_first(lambda: load_training_samples(cfg))  # rank 0 writes the synthetic set once
+    # Rank 0 builds the offline tiny model (when model.path is unset) before any other rank looks at the folder;
+    # the others then find it complete. The builder is atomic and locked too, this keeps ranks from even racing.
+    rank0_first(lambda: model_dir_for(cfg))
 
     trainer = MGPOTrainer(
         cfg,
