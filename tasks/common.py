@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mgpo_core.config import ConfigError, MGPOConfig, load_config
+from mgpo_core.config import MGPOConfig, load_config
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,20 +88,6 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa:
         return f"mgpo-{stage}-{digest(stage, params, source_digest())}"
 
     return key
-
-
-# Errors a retry cannot fix: the input or the configuration must change first.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, NotADirectoryError)
-
-
-def retry_unless_config_error(task, task_run, state) -> bool:  # noqa: ANN001
-    """Prefect ``retry_condition_fn``: retry transient failures, never configuration errors."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001
-        exc = e
-    names = {"ModelPathError", "DataInputError"}
-    return not (isinstance(exc, PERMANENT_ERRORS) or type(exc).__name__ in names)
 
 
 def record_execution(cfg: MGPOConfig, stage: str, **info: Any) -> None:

@@ -20,16 +20,16 @@ from tasks.common import (
     load_cfg,
     maybe_inject_failure,
     record_execution,
-    retry_unless_config_error,
     stage_cache_key,
     tracking_uri,
 )
+from tasks.retry import retry_if_transient
 
 # MGPO_TASK_RETRIES overrides the retry count (tests of failure handling set 0).
 RETRY = dict(
     retries=int(os.environ.get("MGPO_TASK_RETRIES", "2")),
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_unless_config_error,
+    retry_delay_seconds=[float(x) for x in os.environ.get("MGPO_TASK_RETRY_DELAYS", "5,30").split(",")],
+    retry_condition_fn=retry_if_transient,
 )
 
 
