@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed()
     samples = rank0_first(lambda: load_training_samples(cfg))  # rank 0 writes the synthetic set once
-    # Rank 0 builds the offline tiny model (when model.path is unset) before any other rank looks at the folder;
+    # Rank 0 builds the offline tiny/base model (when model.path is unset) before any other rank looks at the folder;
     # the others then find it complete. The builder is atomic and locked too, this keeps ranks from even racing.
     rank0_first(lambda: model_dir_for(cfg))
 
