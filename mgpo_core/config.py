@@ -207,8 +207,6 @@ class RolloutConfig(_Section):
     """Cap on the tokens the model generates in turn 2 (answer)."""
     max_response_tokens: PositiveInt = 12192
     """Cap on the whole multi-turn response (both assistant turns plus the inserted user turn)."""
-    max_prompt_tokens: PositiveInt | None = None
-    """Cap on the turn-1 prompt; None means no cap. Prompts are never cut inside an image span."""
     min_pixels: int = Field(256 * 28 * 28, ge=28 * 28)
     """Lower pixel bound of the overview and of the enlarged crop (Qwen `smart_resize`)."""
     max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28)
@@ -342,6 +340,10 @@ class AlgorithmConfig(_Section):
     """The per-token KL estimate is clamped to [-kl_clamp, kl_clamp]."""
     entropy_coef: float = Field(0.001, ge=0.0)
     """Weight of the entropy bonus."""
+    train_forced_tokens: bool = False
+    """Train on tokens the environment forced into an assistant turn (turn 1's `<|im_end|>` appended after the cut
+    JSON block or at the length cap). False: they stay in the context but enter no loss term (they were never
+    sampled, so they have no behaviour log-prob); True: trained like sampled tokens, as the reference does."""
     ppo_epochs: PositiveInt = 1
     """Passes over each RL step's trajectories."""
     prompts_per_step: PositiveInt = 512
@@ -373,8 +375,9 @@ class AlgorithmConfig(_Section):
 class OptimizerConfig(_Section):
     """The optimiser and learning-rate schedule."""
 
-    name: Literal["adamw"] = "adamw"
-    """Optimiser (torch AdamW, handed to DeepSpeed)."""
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimiser handed to DeepSpeed: torch AdamW, or plain SGD (no momentum; for checks that read the gradient
+    off the update)."""
     lr: float = Field(1e-6, gt=0.0)
     """Peak learning rate."""
     weight_decay: float = Field(0.01, ge=0.0)

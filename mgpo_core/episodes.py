@@ -136,7 +136,10 @@ class Episode:
     Shapes: ``input_ids``, ``loss_mask``, ``turn_index``, ``mm_token_type_ids``, ``rollout_logprobs`` are (L,);
     ``pixel_values`` is (N1 + N2, D) for the two images in order; ``image_grid_thw`` is (n_images, 3).
     ``rollout_logprobs`` holds the engine's log-prob of each token it sampled (NaN elsewhere, including a
-    forced ``<|im_end|>``) for the train-vs-rollout gap.
+    forced ``<|im_end|>``) for the train-vs-rollout gap. ``forced`` (L,) bool marks the assistant-turn tokens
+    the environment appended rather than the model sampled (turn 1's ``<|im_end|>`` after a cut); they are in
+    ``loss_mask`` (the MGPO mask of the assistant turns) and whether they are trained on is the trainer's
+    decision (``algorithm.train_forced_tokens``, see :func:`train_mask`).
     """
 
     sample: Sample
@@ -156,6 +159,7 @@ class Episode:
     overview_size: tuple[int, int]
     original_size: tuple[int, int]
     crop_size: tuple[int, int] | None
+    forced: torch.Tensor | None = None
     reward: float = 0.0
     truncated: bool = False
     finish_reasons: tuple[str, str] = ("stop", "stop")
@@ -171,6 +175,24 @@ class Episode:
     @property
     def valid_box(self) -> bool:
         return self.grounding.valid
+
+    @property
+    def turn2_answered(self) -> bool:
+        """Turn 2 generated at least one token (False when the response budget ran out before it)."""
+        return self.turn_length(TURN2_TOKEN) > 0
+
+
+def train_mask(ep: Episode, train_forced: bool = True) -> torch.Tensor:
+    """The tokens the loss is computed on (L,): ``loss_mask``, less the forced tokens unless ``train_forced``.
+
+    A forced token was never sampled: it has no behaviour log-prob, and its PPO ratio is not an importance
+    ratio of anything the policy did. With ``train_forced=False`` (the default of ``algorithm.train_forced_tokens``)
+    it is context only: no policy, KL or entropy term and no count in the token-mean. ``True`` is the reference's
+    behaviour (trained like a sampled token).
+    """
+    if train_forced or ep.forced is None or not bool(ep.forced.any()):
+        return ep.loss_mask
+    return ep.loss_mask * (~ep.forced).to(ep.loss_mask.dtype)
 
 
 def image_spans(input_ids: torch.Tensor, special: SpecialTokens) -> list[tuple[int, int]]:
@@ -221,21 +243,23 @@ def assemble_episode(
     """Concatenate the parts, build the loss mask and per-token bookkeeping, and truncate safely.
 
     ``forced_end1`` means turn 1's ``<|im_end|>`` was appended by the environment (reply cut after the JSON
-    block, or cut by length); like the reference it is trained on (mask 1) but has no rollout log-prob.
+    block, or cut by length); it is in ``loss_mask`` and flagged in ``forced``, and has no rollout log-prob.
     """
-    parts: list[tuple[list[int], int, bool, Sequence[float] | None]] = [
-        (prompt1, ENV_TOKEN, False, None),
-        (gen1, TURN1_TOKEN, True, gen1_logprobs),
-        ([special.im_end] if forced_end1 else [], TURN1_TOKEN, True, None),
-        (prompt2, ENV_TOKEN, False, None),
-        (gen2, TURN2_TOKEN, True, gen2_logprobs),
+    parts: list[tuple[list[int], int, bool, Sequence[float] | None, bool]] = [
+        (prompt1, ENV_TOKEN, False, None, False),
+        (gen1, TURN1_TOKEN, True, gen1_logprobs, False),
+        ([special.im_end] if forced_end1 else [], TURN1_TOKEN, True, None, True),
+        (prompt2, ENV_TOKEN, False, None, False),
+        (gen2, TURN2_TOKEN, True, gen2_logprobs, False),
     ]
     ids: list[int] = []
     mask: list[float] = []
+    forced: list[bool] = []
     turn: list[int] = []
     lps: list[float] = []
-    for toks, which, trained, lp in parts:
+    for toks, which, trained, lp, env_forced in parts:
         ids.extend(toks)
+        forced.extend([env_forced] * len(toks))
         mask.extend([1.0 if trained else 0.0] * len(toks))
         turn.extend([which] * len(toks))
         lps.extend(list(lp) if lp is not None else [math.nan] * len(toks))
@@ -258,6 +282,7 @@ def assemble_episode(
         if kept
         else torch.empty(0, 3, dtype=torch.long),
         rollout_logprobs=torch.tensor(lps[:cut], dtype=torch.float32),
+        forced=torch.tensor(forced[:cut], dtype=torch.bool),
         prompt_len=len(prompt1),
         truncated=truncated or truncated_upstream,
         **meta,

@@ -2,7 +2,8 @@
 
 Position ids are computed over the WHOLE two-image sequence with the model's own ``get_rope_index`` (the
 reference falls back to 1-D positions in training while its rollout engine uses M-RoPE; we do not). The LM head
-is applied in chunks of the sequence so the full (B, L, V) float32 logits of a real 150k vocabulary never exist.
+and the log-softmax run only at the loss positions, in checkpointed chunks, so neither the (B, L, V) logits of a
+real 152k vocabulary nor the (N_loss, V) ones are ever kept for the backward (METHOD.md §2b).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mgpo_core import algorithms
-from mgpo_core.episodes import Episode
+from mgpo_core.episodes import Episode, train_mask
 
 
 @dataclass
@@ -59,8 +60,14 @@ def _rope_owner(model):
     raise TypeError(f"{type(model).__name__} has no get_rope_index: not a Qwen2-VL-family model")
 
 
-def collate_episodes(episodes: Sequence[Episode], model, pad_id: int) -> EpisodeBatch:
-    """Pad episodes to one batch and compute their M-RoPE position ids with the model's own code."""
+def collate_episodes(
+    episodes: Sequence[Episode], model, pad_id: int, *, train_forced: bool = True
+) -> EpisodeBatch:
+    """Pad episodes to one batch and compute their M-RoPE position ids with the model's own code.
+
+    ``loss_mask`` is each episode's :func:`~mgpo_core.episodes.train_mask`: with ``train_forced=False`` the tokens
+    the environment forced (turn 1's appended ``<|im_end|>``) are context, not loss tokens.
+    """
     if not episodes:
         raise ValueError("collate_episodes: empty list of episodes")
     width = max(ep.length for ep in episodes)
@@ -71,7 +78,8 @@ def collate_episodes(episodes: Sequence[Episode], model, pad_id: int) -> Episode
     mm = torch.zeros((b, width), dtype=torch.int32)
     for i, ep in enumerate(episodes):
         n = ep.length
-        ids[i, :n], attn[i, :n], mask[i, :n], mm[i, :n] = ep.input_ids, 1, ep.loss_mask, ep.mm_token_type_ids
+        ids[i, :n], attn[i, :n], mm[i, :n] = ep.input_ids, 1, ep.mm_token_type_ids
+        mask[i, :n] = train_mask(ep, train_forced)
     grids = [ep.image_grid_thw for ep in episodes if ep.image_grid_thw.numel()]
     pixels = [ep.pixel_values for ep in episodes if ep.pixel_values.numel()]
     grid = torch.cat(grids) if grids else None
@@ -113,26 +121,94 @@ def forward_hidden(model, batch: EpisodeBatch) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def loss_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of every position t ≥ 1 with ``loss_mask[b, t] != 0``: the tokens the loss needs a value for.
+
+    Position 0 has no prefix and never carries a loss; the prediction of token t is read at position t − 1.
+    """
+    rows, cols = (loss_mask[:, 1:] != 0).nonzero(as_tuple=True)
+    return rows, cols + 1
+
+
+def _selected_logprobs(
+    head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    suppress_ids: torch.Tensor | None,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets`` (N,) and entropy (N,) of the tempered next-token distribution at ``hidden`` (N, H).
+
+    The distribution is the one a sampler draws from at ``temperature``: ``softmax(logits / T)`` over the ids it
+    may emit (``suppress_ids`` are set to −inf, as the rollout engines ban them), in float32.
+    """
+    z = head(hidden).float()
+    if temperature != 1.0:
+        z = z / temperature
+    if suppress_ids is not None and suppress_ids.numel():
+        z = z.index_fill(-1, suppress_ids, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    ent = algorithms.entropy_from_logits(z[None])[0] if with_entropy else None
+    return lp, ent
+
+
 def token_logprobs(
-    model, batch: EpisodeBatch, *, with_entropy: bool = False, chunk_size: int = 1024
+    model,
+    batch: EpisodeBatch,
+    *,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    suppress_ids: Sequence[int] | torch.Tensor | None = None,
+    chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked per-token log-probs (B, L) and optionally entropies (B, L) of ``batch`` under ``model``.
 
-    Values at positions where ``loss_mask`` is 0 are set to 0. Differentiable (call under ``torch.no_grad``
-    for old/reference log-probs). Equal, row by row, to calling it one episode at a time.
+    Values at positions where ``loss_mask`` is 0 are 0. Differentiable (call under ``torch.no_grad`` for
+    old/reference log-probs). Equal, row by row, to calling it one episode at a time.
+
+    ``temperature`` and ``suppress_ids`` make these the log-probs of the distribution the rollout sampled from
+    (METHOD.md §2b): logits divided by the sampling temperature, ids the engine never emits excluded.
+
+    Memory: the LM head and the log-softmax run only at the loss positions (N of them, not B·L: prompt, image and
+    padding tokens get no logits at all), ``chunk_size`` positions at a time. With autograd on, every chunk is
+    recomputed in the backward (activation checkpointing), so what the backward keeps of the head is the (N, H)
+    hidden states, never (N, V) logits; the peak holds one chunk's (chunk, V) float32 logits and their softmax.
     """
     head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
     hidden = forward_hidden(model, batch)
     b, length, _ = hidden.shape
+    rows, cols = loss_positions(batch.loss_mask)
+    h = hidden[rows, cols - 1]  # position t - 1 predicts token t
+    targets = batch.input_ids[rows, cols]
+    suppress = None
+    if suppress_ids is not None:
+        suppress = torch.as_tensor(suppress_ids, dtype=torch.long, device=hidden.device)
+    checkpointed = torch.is_grad_enabled() and h.requires_grad
+
+    def part(h_c: torch.Tensor, t_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _selected_logprobs(
+            head, h_c, t_c, temperature=temperature, suppress_ids=suppress, with_entropy=with_entropy
+        )
+
     lps, ents = [], []
-    # Position t's logits predict token t+1: chunk with one position of overlap.
-    for start in range(0, length - 1, chunk_size):
-        stop = min(start + chunk_size + 1, length)
-        logits = head(hidden[:, start:stop])
-        lps.append(logprobs_from_logits(logits, batch.input_ids[:, start:stop])[:, 1:])
+    for start in range(0, h.shape[0], chunk_size):
+        h_c, t_c = h[start : start + chunk_size], targets[start : start + chunk_size]
+        if checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            lp_c, ent_c = checkpoint(part, h_c, t_c, use_reentrant=False)
+        else:
+            lp_c, ent_c = part(h_c, t_c)
+        lps.append(lp_c)
         if with_entropy:
-            ents.append(entropy_from_logits(logits)[:, 1:])
-    zero = hidden.new_zeros((b, 1), dtype=torch.float32)
-    logp = torch.cat([zero, *lps], dim=1) * batch.loss_mask
-    ent = torch.cat([zero, *ents], dim=1) * batch.loss_mask if with_entropy else None
+            ents.append(ent_c)
+    zeros = hidden.new_zeros((b, length), dtype=torch.float32)
+    if not lps:  # nothing to score: keep the graph connected so a backward still reaches every rank's hooks
+        logp = zeros + 0.0 * hidden.sum()
+        return logp, (logp.clone() if with_entropy else None)
+    logp = zeros.index_put((rows, cols), torch.cat(lps))
+    ent = zeros.index_put((rows, cols), torch.cat(ents)) if with_entropy else None
     return logp, ent

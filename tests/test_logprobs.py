@@ -42,9 +42,9 @@ def test_batched_logprobs_equal_one_episode_at_a_time(tiny_bundle, episodes):
 
 def test_trainer_logprobs_match_the_rollout_engine(tiny_bundle, episodes):
     """Same weights, same M-RoPE positions: the trainer's log-probs equal what ``generate`` sampled with."""
-    m = tiny_bundle.model
+    m, sp = tiny_bundle.model, tiny_bundle.special
     with torch.no_grad():
-        logp, _ = token_logprobs(m, collate_episodes(episodes, m, tiny_bundle.special.pad))
+        logp, _ = token_logprobs(m, collate_episodes(episodes, m, sp.pad), suppress_ids=sp.non_text_ids())
     for i, ep in enumerate(episodes):
         sel = torch.isfinite(ep.rollout_logprobs)
         torch.testing.assert_close(logp[i, : ep.length][sel], ep.rollout_logprobs[sel], atol=2e-4, rtol=0)

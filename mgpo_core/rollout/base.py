@@ -27,7 +27,7 @@ from mgpo_core.episodes import (
 from mgpo_core.grounding import GroundingOptions, GroundingResult, map_box_to_original, parse_grounding_box
 from mgpo_core.imaging import crop_and_enlarge, open_image, resize_for_model
 from mgpo_core.modeling.loading import SpecialTokens
-from mgpo_core.reward import answer_reward
+from mgpo_core.reward import episode_answer_reward
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class RolloutEngine(abc.ABC):
                 finish_reasons=(p["finish1"], r2.finish_reason),
                 truncated=i not in out2,
             )
-            ep.reward = answer_reward([p["text1"], text2], p["sample"].answer)
+            ep.reward = episode_answer_reward(text2, p["sample"].answer, turn2_ran=ep.turn2_answered)
             episodes.append(ep)
         return episodes
 

@@ -2,7 +2,8 @@
 
 Batched, left-padded generation with both images' pixel values; M-RoPE positions come from the model's own rope
 index (``mm_token_type_ids`` is passed — without it ``generate`` silently falls back to 1-D positions, a
-train/rollout mismatch). Ids outside the text vocabulary (``<|image_pad|>`` & co.) are suppressed. Sampling uses
+train/rollout mismatch). Ids outside the text vocabulary (``<|image_pad|>`` & co.) are suppressed. The reported
+log-probs are those of the distribution sampled from (temperature, suppression and top-p applied). Sampling uses
 a forked RNG so rollouts never disturb the trainer's random state (exact resume depends on it).
 """
 
@@ -103,7 +104,7 @@ class HFRolloutEngine(RolloutEngine):
             pad_token_id=sp.pad,
             suppress_tokens=self._suppress,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_scores=True,
             use_cache=True,
         )
         if images:
@@ -116,9 +117,11 @@ class HFRolloutEngine(RolloutEngine):
             kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
         out = self.model.generate(**kwargs)
         new = out.sequences[:, width:].cpu()
-        # Raw-logit log-probs (temperature 1): the same quantity the trainer recomputes, for the log-prob gap.
-        logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else torch.empty(len(reqs), 0, 1)
-        logp = torch.log_softmax(logits, dim=-1)
+        # Log-probs of the distribution each token was drawn from: the processed scores (suppressed ids at -inf,
+        # divided by the temperature, top-p applied), normalised. With top_p = 1 this is exactly what the trainer
+        # recomputes (softmax(logits / T) over the ids that can be sampled).
+        scores = torch.stack(out.scores, dim=1).float().cpu() if out.scores else torch.empty(len(reqs), 0, 1)
+        logp = torch.log_softmax(scores, dim=-1)
         results = []
         for k, r in enumerate(reqs):
             toks = new[k].tolist()

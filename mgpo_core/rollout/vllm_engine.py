@@ -13,7 +13,9 @@ Facts of the pinned vLLM 0.32 this module relies on (read in its source, observe
   straight into ``model.load_weights`` is wrong on CPU: vLLM-CPU packs every linear weight into a oneDNN/AMX
   kernel after loading and leaves an empty ``weight`` behind: the raw loader never reaches the weights in use.
   After a reload the encoder cache (vision embeddings) and the prefix cache (KV) are stale and are both reset.
-- Log-probs are vLLM's ``raw_logprobs``: log-softmax of the unprocessed logits, what the trainer recomputes.
+- Log-probs are vLLM's ``processed_logprobs`` (engine setting ``logprobs_mode``): log-softmax of the logits the
+  sampler drew from, after the logit bias (banned ids), the temperature and top-k/top-p. The default
+  ``raw_logprobs`` is of the untempered logits: at a temperature other than 1 it is not the sampled distribution.
 """
 
 from __future__ import annotations
@@ -143,6 +145,9 @@ def build_llm_kwargs(
         # smart_resize is the identity on an image whose sides are multiples of 28 and whose area lies in
         # [min, max]: the smallest legal minimum and our own maximum keep every image we send at its size.
         mm_processor_kwargs={"min_pixels": 28 * 28, "max_pixels": settings.max_pixels},
+        # Report the log-prob of each sampled token under the distribution it was drawn from (temperature,
+        # logit bias, top-p applied), the one the trainer recomputes; "raw_logprobs" ignores the temperature.
+        logprobs_mode="processed_logprobs",
     )
     if on_cpu:
         # sleep mode needs CUDA's memory pool; on CPU vLLM would only warn on every call

@@ -25,6 +25,13 @@ def micro_steps_per_minibatch(cfg, world: int) -> int:  # noqa: ANN001
     return episodes // a.micro_batch_size
 
 
+def torch_cuda_available() -> bool:
+    """Pinned host memory needs a CUDA device; on a CPU-only machine DeepSpeed must not ask for it."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def build_ds_config(cfg, world: int) -> dict[str, Any]:  # noqa: ANN001
     """The dict passed to ``deepspeed.initialize``. Batch sizes always come from the MGPO config."""
     d = cfg.deepspeed
@@ -39,9 +46,11 @@ def build_ds_config(cfg, world: int) -> dict[str, Any]:  # noqa: ANN001
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = d.zero_stage
     if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch_cuda_available()}
+        # We hand DeepSpeed a torch optimizer (no JIT build); ZeRO-Offload otherwise insists on its CPU Adam.
+        base["zero_force_ds_cpu_optimizer"] = False
     if d.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch_cuda_available()}
     if d.zero_stage == 3:
         # Rollouts and exports need whole weights: gather 16-bit weights on save.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)

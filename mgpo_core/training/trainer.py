@@ -24,7 +24,7 @@ import torch
 from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
 from mgpo_core.config import MGPOConfig, config_hash, flatten_config, save_config
 from mgpo_core.data.schema import Sample
-from mgpo_core.episodes import Episode, PromptTemplates
+from mgpo_core.episodes import Episode, PromptTemplates, train_mask
 from mgpo_core.logprobs import collate_episodes, token_logprobs
 from mgpo_core.modeling.loading import load_bundle, load_model, resolve_model_path
 from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_engine_name
@@ -99,6 +99,221 @@ def _all_reduce_sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def lr_lambda(cfg: MGPOConfig) -> Callable[[int], float]:
+    """Learning-rate factor per optimiser step: linear warm-up, then constant, cosine or linear decay."""
+    import math
+
+    o, a = cfg.optimizer, cfg.algorithm
+    total = a.total_steps * a.ppo_epochs * (a.prompts_per_step // a.mini_batch_prompts)
+
+    def f(i: int) -> float:
+        if o.warmup_steps and i < o.warmup_steps:
+            return (i + 1) / o.warmup_steps
+        if o.scheduler == "constant":
+            return 1.0
+        frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if o.scheduler == "cosine" else 1.0 - frac
+
+    return f
+
+
+def build_engine(cfg: MGPOConfig, model: torch.nn.Module, world: int):  # noqa: ANN201
+    """``deepspeed.initialize`` on ``model`` with the configured torch optimiser and schedule.
+
+    Returns ``(engine, optimizer, scheduler)``. ``optimizer.name`` is ``adamw`` (the recipe) or ``sgd`` (no
+    momentum: the update is ``-lr * clipped gradient``, which tests use to read the gradient off the weights).
+    """
+    import deepspeed
+
+    o = cfg.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
+    )
+    return engine, optimizer, scheduler
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What one PPO update needs besides the tensors: loss weights, micro-batch size and how log-probs are taken."""
+
+    coefs: LossCoefficients
+    micro_batch_size: int
+    pad_id: int
+    temperature: float = 1.0
+    """The rollout's sampling temperature: every log-prob of the update is of softmax(logits / T)."""
+    suppress_ids: tuple[int, ...] = ()
+    """Ids the rollout engines never sample (vision placeholders, padded rows): excluded from the distribution."""
+    train_forced: bool = False
+    """Whether tokens the environment forced (no behaviour log-prob) enter the loss."""
+
+    @classmethod
+    def from_config(cls, cfg: MGPOConfig, special) -> UpdateSettings:  # noqa: ANN001 - SpecialTokens
+        a = cfg.algorithm
+        return cls(
+            coefs=LossCoefficients(
+                kl_coef=a.kl_coef,
+                entropy_coef=a.entropy_coef,
+                clip_low=a.clip_low,
+                clip_high=a.clip_high,
+                kl_estimator=a.kl_estimator,
+                kl_clamp=a.kl_clamp,
+            ),
+            micro_batch_size=a.micro_batch_size,
+            pad_id=special.pad,
+            temperature=cfg.rollout.temperature,
+            suppress_ids=tuple(special.non_text_ids()),
+            train_forced=a.train_forced_tokens,
+        )
+
+    def collate(self, episodes: Sequence[Episode], model, device: torch.device, dtype: torch.dtype):  # noqa: ANN001, ANN201
+        return collate_episodes(episodes, model, self.pad_id, train_forced=self.train_forced).to(
+            device, dtype
+        )
+
+    def logprobs(self, model, batch, *, with_entropy: bool = False):  # noqa: ANN001, ANN201
+        return token_logprobs(
+            model,
+            batch,
+            with_entropy=with_entropy,
+            temperature=self.temperature,
+            suppress_ids=self.suppress_ids,
+        )
+
+
+def engine_logprobs(engine, batch, settings: UpdateSettings, *, with_entropy: bool):  # noqa: ANN001, ANN201
+    """The policy's log-probs of ``batch`` computed as ONE forward of the DeepSpeed engine (``engine(...)``).
+
+    DeepSpeed's micro-step contract is ``engine(...)`` → ``engine.backward(loss)`` → ``engine.step()``: its
+    forward starts the ZeRO optimiser's micro-step (ZeRO-3 advances ``micro_step_id``, so the next backward
+    ADDS to the gradient partitions instead of overwriting them; ZeRO-1/2 clear the previous micro-step's
+    accumulation state) and registers the output hooks that run the backward prologue (gradient-accumulation
+    boundary flag, ZeRO's backward entry). Calling the module directly skips all of it: under ZeRO-3 every
+    micro-batch's gradient then replaced the previous one's. The engine's forward calls ``engine.module(...)``,
+    so for this one call the module's forward is our log-prob function (an instance attribute shadowing the
+    class's ``forward``; removed again right after).
+    """
+    module = engine.module
+
+    def forward(b):  # noqa: ANN001, ANN202
+        return settings.logprobs(module, b, with_entropy=with_entropy)
+
+    module.forward = forward
+    try:
+        return engine(batch)
+    finally:
+        del module.forward
+
+
+def minibatch_update(
+    engine,  # noqa: ANN001
+    episodes: Sequence[Episode],
+    adv: torch.Tensor,
+    old_logp: Sequence[torch.Tensor],
+    ref_logp: Sequence[torch.Tensor | None],
+    settings: UpdateSettings,
+    device: torch.device,
+    *,
+    with_gap: bool = False,
+) -> dict[str, float]:
+    """One optimiser step over one rank's share of a mini-batch, accumulated over its micro-batches.
+
+    ``old_logp``/``ref_logp`` hold one tensor per micro-batch of ``episodes`` (chunks of ``micro_batch_size``).
+    Every micro-batch's loss is divided by the mini-batch's loss-token count over all ranks divided by the world
+    size; DeepSpeed averages gradients over ranks and does not rescale by the accumulation steps
+    (``scale_wrt_gas=False``), so the accumulated gradient is that of the token-mean over the whole mini-batch,
+    and the clipping and the grad norm DeepSpeed applies at the boundary are the whole mini-batch's.
+
+    Returns the mini-batch's ``loss/*`` (summed over micro-batches), the mean ``actor/*`` over micro-batches,
+    ``optim/grad_norm`` (before clipping) and, with ``with_gap``, ``rollout/logprob_gap``.
+    """
+    mb = settings.micro_batch_size
+    chunks = [episodes[i : i + mb] for i in range(0, len(episodes), mb)]
+    gas = engine.gradient_accumulation_steps()
+    if len(chunks) != gas or len(old_logp) != gas:
+        raise RuntimeError(
+            f"a mini-batch share of {len(episodes)} episodes makes {len(chunks)} micro-batches of {mb}, but the "
+            f"DeepSpeed engine accumulates {gas}: the optimiser step would not cover exactly one mini-batch"
+        )
+    if engine.micro_steps % gas:
+        raise RuntimeError(
+            f"DeepSpeed is {engine.micro_steps % gas} micro-steps into an accumulation window at the start of a "
+            "mini-batch; every engine(...)/backward/step must belong to a whole mini-batch"
+        )
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    dtype = next(engine.module.parameters()).dtype
+    masks = [train_mask(ep, settings.train_forced) for ep in episodes]
+    local_tokens = float(sum(float(m.sum()) for m in masks))
+    normalizer = max(_all_reduce_sum(local_tokens, device) / world, 1.0)
+    with_entropy = settings.coefs.entropy_coef > 0
+    sums: dict[str, float] = {}
+    gaps: list[float] = []
+    steps_before = engine.global_steps
+    for k, chunk in enumerate(chunks):
+        batch = settings.collate(chunk, engine.module, device, dtype)
+        logp, ent = engine_logprobs(engine, batch, settings, with_entropy=with_entropy)
+        start = k * mb
+        loss, metrics = mgpo_loss(
+            logp.float(),
+            old_logp[k].to(device),
+            None if ref_logp[k] is None else ref_logp[k].to(device),
+            adv[start : start + len(chunk)].to(device),
+            batch.loss_mask,
+            ent,
+            settings.coefs,
+            normalizer=normalizer,
+        )
+        if k == gas - 1 and not engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "the last micro-batch of a mini-batch is not DeepSpeed's accumulation boundary"
+            )
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        if with_gap:
+            gaps.append(logprob_gap(chunk, old_logp[k].cpu(), batch.loss_mask.cpu()))
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + v
+    if engine.global_steps != steps_before + 1:
+        raise RuntimeError(
+            f"DeepSpeed took {engine.global_steps - steps_before} optimiser steps for one mini-batch (expected 1)"
+        )
+    out = {k: (v if k.startswith("loss/") else v / len(chunks)) for k, v in sums.items()}
+    gn = engine.get_global_grad_norm()
+    if gn is not None:
+        out["optim/grad_norm"] = float(gn)
+    if with_gap:
+        out["rollout/logprob_gap"] = sum(gaps) / len(gaps)
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(
+    policy, ref_model, episodes: Sequence[Episode], settings: UpdateSettings, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Old (``policy`` before the update) and reference log-probs, one tensor per micro-batch, same distribution
+    (temperature, suppressed ids) as the update's."""
+    mb = settings.micro_batch_size
+    dtype = next(policy.parameters()).dtype
+    old, ref = [], []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for i in range(0, len(episodes), mb):
+            batch = settings.collate(episodes[i : i + mb], policy, device, dtype)
+            old.append(settings.logprobs(policy, batch)[0].float())
+            ref.append(settings.logprobs(ref_model, batch)[0].float() if ref_model is not None else None)
+    finally:
+        policy.train(was_training)
+    return old, ref
+
+
 class MGPOTrainer:
     """Owns the DeepSpeed engine, the frozen reference model, the rollout engine, the sampler and the sink."""
 
@@ -112,8 +327,6 @@ class MGPOTrainer:
         mlflow_run_id: str | None = None,
         progress: bool = True,
     ) -> None:
-        import deepspeed
-
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.dist = init_distributed()
         self.is_main = self.dist.rank == 0
@@ -144,18 +357,7 @@ class MGPOTrainer:
             self.ref_model = load_model(self.model_path, dtype=cfg.model.dtype, device=str(self.device))
             self.ref_model.requires_grad_(False).eval()
 
-        o = cfg.optimizer
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda())
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=build_ds_config(cfg, self.dist.world),
-        )
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, self.dist.world)
         self.policy = self.engine.module
 
         templates, settings = PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg)
@@ -177,14 +379,14 @@ class MGPOTrainer:
                 policy=self.policy,
             )
         self.reward_fn = get_reward(cfg.algorithm.reward)
-        self.coefs = LossCoefficients(
-            kl_coef=cfg.algorithm.kl_coef,
-            entropy_coef=cfg.algorithm.entropy_coef,
-            clip_low=cfg.algorithm.clip_low,
-            clip_high=cfg.algorithm.clip_high,
-            kl_estimator=cfg.algorithm.kl_estimator,
-            kl_clamp=cfg.algorithm.kl_clamp,
-        )
+        self.update_settings = UpdateSettings.from_config(cfg, self.special)
+        self.coefs = self.update_settings.coefs
+        if cfg.rollout.top_p < 1.0 and self.is_main:
+            log.warning(
+                "rollout.top_p=%s: samples come from the nucleus, while the PPO ratio uses the untruncated "
+                "tempered distribution (as verl and TRL do); see docs/TRAINING.md, 'Log-probs'",
+                cfg.rollout.top_p,
+            )
 
         self.step = 0
         self.sampler = PromptSampler(samples, seed=cfg.algorithm.seed)
@@ -199,25 +401,6 @@ class MGPOTrainer:
             self.sink = MetricsSink(self.uri, self.mlflow_run_id, self.run_dir)
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
-    def _lr_lambda(self) -> Callable[[int], float]:
-        o, total = self.cfg.optimizer, self.cfg.algorithm.total_steps * self._optimizer_steps_per_rl_step()
-
-        def f(i: int) -> float:
-            if o.warmup_steps and i < o.warmup_steps:
-                return (i + 1) / o.warmup_steps
-            if o.scheduler == "constant":
-                return 1.0
-            frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
-            import math
-
-            return 0.5 * (1 + math.cos(math.pi * frac)) if o.scheduler == "cosine" else 1.0 - frac
-
-        return f
-
-    def _optimizer_steps_per_rl_step(self) -> int:
-        a = self.cfg.algorithm
-        return a.ppo_epochs * (a.prompts_per_step // a.mini_batch_prompts)
-
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
@@ -315,7 +498,6 @@ class MGPOTrainer:
         rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
         adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]), eps=a.adv_eps)
         m.update(rollout_metrics(episodes, adv))
-
         t = time.perf_counter()
         old_logp, ref_logp = self._reference_logprobs(episodes)
         m["timing/old_ref_logprobs_s"] = time.perf_counter() - t
@@ -348,80 +530,37 @@ class MGPOTrainer:
             m = {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
         return m
 
-    @torch.no_grad()
     def _reference_logprobs(
         self, episodes: list[Episode]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Old (current policy, before the update) and reference log-probs, one tensor per micro-batch."""
-        mb = self.cfg.algorithm.micro_batch_size
-        old, ref = [], []
-        self.policy.eval()
-        for i in range(0, len(episodes), mb):
-            chunk = episodes[i : i + mb]
-            batch = collate_episodes(chunk, self.policy, self.special.pad).to(self.device, self._dtype())
-            old.append(token_logprobs(self.policy, batch)[0].float())
-            ref.append(
-                token_logprobs(self.ref_model, batch)[0].float() if self.ref_model is not None else None
-            )
-        self.policy.train()
-        return old, ref
-
-    def _dtype(self) -> torch.dtype:
-        return next(self.policy.parameters()).dtype
+        return reference_logprobs(self.policy, self.ref_model, episodes, self.update_settings, self.device)
 
     def _update(self, episodes, adv, old_logp, ref_logp) -> dict[str, float]:  # noqa: ANN001
         a, n = self.cfg.algorithm, self.cfg.rollout.n
         mb = a.micro_batch_size
-        per_rank_prompts = a.mini_batch_prompts // self.dist.world
-        mini_eps = per_rank_prompts * n
-        sums: dict[str, float] = {}
-        count = 0
-        gaps = []
-        grad_norms = []
-        for _epoch in range(a.ppo_epochs):
+        mini_eps = a.mini_batch_prompts // self.dist.world * n
+        per_mini: list[dict[str, float]] = []
+        for epoch in range(a.ppo_epochs):
             for start in range(0, len(episodes), mini_eps):
-                minibatch = range(start, min(start + mini_eps, len(episodes)))
-                local_tokens = float(sum(episodes[i].loss_mask.sum() for i in minibatch))
-                # DeepSpeed averages gradients over ranks: dividing by (global tokens / world) makes the
-                # update the token-mean over the whole mini-batch (every rank, every micro-batch).
-                normalizer = max(_all_reduce_sum(local_tokens, self.device) / self.dist.world, 1.0)
-                for mstart in range(minibatch.start, minibatch.stop, mb):
-                    idx = mstart // mb
-                    chunk = episodes[mstart : mstart + mb]
-                    batch = collate_episodes(chunk, self.policy, self.special.pad).to(
-                        self.device, self._dtype()
+                stop = min(start + mini_eps, len(episodes))
+                per_mini.append(
+                    minibatch_update(
+                        self.engine,
+                        episodes[start:stop],
+                        adv[start:stop],
+                        old_logp[start // mb : (stop + mb - 1) // mb],
+                        ref_logp[start // mb : (stop + mb - 1) // mb],
+                        self.update_settings,
+                        self.device,
+                        with_gap=epoch == 0,
                     )
-                    logp, ent = token_logprobs(
-                        self.engine.module, batch, with_entropy=self.coefs.entropy_coef > 0
-                    )
-                    loss, metrics = mgpo_loss(
-                        logp.float(),
-                        old_logp[idx],
-                        ref_logp[idx],
-                        adv[mstart : mstart + mb].to(self.device),
-                        batch.loss_mask,
-                        ent,
-                        self.coefs,
-                        normalizer=normalizer,
-                    )
-                    self.engine.backward(loss, scale_wrt_gas=False)
-                    self.engine.step()
-                    if _epoch == 0:
-                        gaps.append(logprob_gap(chunk, old_logp[idx].cpu(), batch.loss_mask.cpu()))
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                gn = self.engine.get_global_grad_norm()
-                if gn is not None:
-                    grad_norms.append(float(gn))
-        out = {k: v / max(count, 1) for k, v in sums.items()}
-        # loss/* values are each micro-batch's share of its mini-batch mean: sum per mini-batch, mean over them.
-        n_mini = max(1, a.ppo_epochs * (len(episodes) // max(mini_eps, 1)))
-        for k in list(out):
-            if k.startswith("loss/"):
-                out[k] = sums[k] / n_mini
-        out["optim/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
-        out["rollout/logprob_gap"] = sum(gaps) / len(gaps) if gaps else 0.0
+                )
+        # Each mini-batch's loss/* are its token-means; actor/* its micro-batch means: average over mini-batches.
+        keys = sorted({k for m in per_mini for k in m})
+        out = {k: sum(m[k] for m in per_mini if k in m) / sum(k in m for m in per_mini) for k in keys}
+        out.setdefault("rollout/logprob_gap", 0.0)
+        out.setdefault("optim/grad_norm", 0.0)
         return out
 
     def named_full_parameters(self):  # noqa: ANN201
