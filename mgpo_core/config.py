@@ -89,7 +89,12 @@ class ModelConfig(_Section):
     path: str | None = None
     """Local Hugging Face model directory; None builds (or reuses) the offline tiny Qwen2.5-VL."""
     tiny_seed: int = Field(0, ge=0)
-    """Seed of the random init of the offline tiny model (ignored when `path` is set)."""
+    """Seed of the offline tiny model (its random init, or the base model's pre-training); ignored when `path`
+    is set."""
+    tiny: Literal["random", "base"] = "random"
+    """Which offline tiny model `path: null` means: `random` (random init; fast tests of the machinery) or
+    `base` (pre-trained on synthetic grounding and reading tasks, so MGPO can show learning; shipped with the
+    project for seed 0, built and cached under `<state_dir>/models` otherwise)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype the model is loaded in (and the rollout engine runs in)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -179,6 +184,17 @@ class DataConfig(_Section):
     """Width in pixels of each synthetic high-resolution image."""
     synthetic_height: int = Field(1024, ge=28)
     """Height in pixels of each synthetic high-resolution image."""
+    synthetic_kinds: list[Literal["colour", "shape", "text"]] = Field(
+        default_factory=lambda: ["colour", "shape", "text"], min_length=1
+    )
+    """What the synthetic questions ask about the tag: its colour mark, its shape, or its letter/digit."""
+    synthetic_tag_px: int = Field(16, ge=8)
+    """Smallest side in original pixels of the synthetic target tag (the tiny base model needs ~80 to find it)."""
+    synthetic_mark_fraction: float = Field(0.6, ge=0.05, le=0.9)
+    """Share of the tag's side its content fills: a large tag with a small mark is findable in the overview but
+    needs a close-up to read."""
+    synthetic_decoys: int | None = Field(None, ge=0)
+    """Grey decoy tags per image; None = 3 per megapixel (at least 2)."""
     max_image_pixels: PositiveInt = 100_000_000
     """Decompression-bomb limit (pixels) when opening images; must let 80-megapixel originals through."""
     shuffle_seed: int = 0
@@ -250,6 +266,21 @@ class RolloutConfig(_Section):
     """Line that opens the answer options inside {choices}."""
     third_turn: bool = False
     """Inference only: allow a third grounding turn (METHOD.md §1.6); training always uses exactly two."""
+    mode: Literal["mgpo", "single_turn"] = "mgpo"
+    """Training rollouts: `mgpo` (two turns: box, crop, answer) or `single_turn` (the paper's GRPO baseline: one
+    turn on the overview alone, asked for the box and the answer together; nothing is cropped)."""
+    single_turn_system_prompt: str = (
+        "You answer questions about high-resolution images. Give the bounding box of the image area that "
+        "matters most for the question as pixel coordinates in a ```json code block, written as "
+        '[{"bbox_2d": [x1, y1, x2, y2], "label": "<what it shows>"}], then the letter of your final answer '
+        "inside \\boxed{}."
+    )
+    """System prompt of `mode: single_turn` (used verbatim)."""
+    single_turn_template: str = (
+        "{question}\n{choices}\nOutput the coordinates of the key image area in JSON, then put the letter of "
+        "your final answer inside \\boxed{{}}."
+    )
+    """User text of `mode: single_turn` after the image; `str.format` with {question} and {choices}."""
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     """vLLM: share of GPU memory it may take (it is colocated with the trainer)."""
     tensor_parallel_size: PositiveInt = 1
@@ -268,7 +299,7 @@ class RolloutConfig(_Section):
     def _turn1_placeholders(cls, text: str) -> str:
         return _check_template(text, frozenset({"question"}))
 
-    @field_validator("turn2_valid_template", "turn2_fallback_template")
+    @field_validator("turn2_valid_template", "turn2_fallback_template", "single_turn_template")
     @classmethod
     def _turn2_placeholders(cls, text: str) -> str:
         return _check_template(text, frozenset({"question", "choices"}))
@@ -340,6 +371,9 @@ class AlgorithmConfig(_Section):
     """The per-token KL estimate is clamped to [-kl_clamp, kl_clamp]."""
     entropy_coef: float = Field(0.001, ge=0.0)
     """Weight of the entropy bonus."""
+    loss_turns: Literal["all", "final"] = "all"
+    """Which assistant turns enter the loss: `all` (MGPO's multi-turn mask: both turns' generated tokens) or
+    `final` (ablation: only the answer turn; turn 1's box is context, never trained)."""
     train_forced_tokens: bool = False
     """Train on tokens the environment forced into an assistant turn (turn 1's `<|im_end|>` appended after the cut
     JSON block or at the length cap). False: they stay in the context but enter no loss term (they were never
@@ -413,6 +447,11 @@ class DeepSpeedConfig(_Section):
     """Processes (GPUs) per node."""
     hostfile: str | None = None
     """DeepSpeed hostfile for multi-node runs (launcher "deepspeed" only)."""
+    stall_timeout_s: typing.Annotated[float, Field(gt=0.0)] | None = 1800.0
+    """The train task ends the process group and fails (naming the phase) when no RL step finishes for this long
+    after the first one (a hung collective, a stuck rollout); null disables the watch."""
+    startup_timeout_s: typing.Annotated[float, Field(gt=0.0)] | None = 3600.0
+    """The same watch before the first step (model loading, JIT builds, engine start-up); null disables it."""
 
     @model_validator(mode="after")
     def _consistent_launch(self) -> DeepSpeedConfig:
@@ -456,6 +495,11 @@ class TrackingConfig(_Section):
     """Existing MLflow run to log into (set by the pipeline for the launched trainer)."""
     log_every_steps: PositiveInt = 1
     """Log training metrics every this many RL steps."""
+    log_episodes_every: int = Field(0, ge=0)
+    """Every this many RL steps, log `log_episodes` sampled episodes (a table and a picture with the boxes) to
+    the run and to `<run_dir>/episodes/`; 0 = off."""
+    log_episodes: PositiveInt = 8
+    """Episodes per sampled-episode log (spread over the step's prompts)."""
 
 
 class EvaluationConfig(_Section):
@@ -495,6 +539,12 @@ class EvaluationConfig(_Section):
     direct numbers use 1280*28*28 = 1,003,520, the same budget as the MGPO overview."""
     picture_samples: int = Field(16, ge=0)
     """Questions drawn (with predicted crop and ground-truth boxes) in the evaluation picture; 0 = no picture."""
+    during_training_every: int = Field(0, ge=0)
+    """Validate every this many RL steps during training (and once before the first step): greedy rollouts, in
+    the training mode, on the first `during_training_limit` questions of the evaluation split; logged as `val/*`
+    (accuracy, valid-box ratio, box-contains-target, IoU). 0 = off."""
+    during_training_limit: PositiveInt = 32
+    """Questions per validation during training (the evaluation split: `data.eval_path` or the synthetic one)."""
 
     @field_validator("direct_template")
     @classmethod

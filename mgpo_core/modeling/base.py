@@ -44,6 +44,8 @@ class Stage:
     mix: dict[str, float]
     long_system: bool = False
     lr: float = 1e-3
+    marks: tuple[float, ...] = (0.25,)
+    """Mark sizes (share of the tag's side) the stage's pictures have: reading starts on big marks."""
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,26 @@ class BaseRecipe:
 
     scene: SceneSpec = field(default_factory=SceneSpec)
     stages: tuple[Stage, ...] = (
-        Stage("vision", 150, {"read": 1.0}),
-        Stage("locate", 250, {"read": 0.3, "locate": 0.7}),
-        Stage("mixed", 250, {"read": 0.3, "locate": 0.4, "read2": 0.3}, long_system=True),
+        Stage("colour", 60, {"name": 1.0}, marks=(0.7, 0.5)),
+        Stage("name", 80, {"name": 1.0}, marks=(0.5, 0.35, 0.25)),
+        Stage("read", 100, {"name": 0.2, "read": 0.8}, marks=(0.35, 0.25)),
+        Stage("locate", 200, {"read": 0.3, "locate": 0.7}, long_system=True, marks=(0.35, 0.25)),
+        Stage(
+            "mixed", 160, {"name": 0.1, "read": 0.3, "locate": 0.35, "read2": 0.25}, long_system=True, marks=(0.25,)
+        ),
     )
     batch_size: int = 32
-    scenes: int = 3000
+    scenes: int = 1600
+    mark_levels: tuple[float, ...] = (0.7, 0.5, 0.35, 0.25)
+    """Mark sizes the scene pool is drawn with (an equal share each); stages pick among them."""
     weight_decay: float = 0.01
     warmup_steps: int = 20
     text_hidden: int = 256
     text_layers: int = 4
     vision_hidden: int = 128
     vision_depth: int = 4
-    rope_theta: float = 100.0
+    rope_theta: float = 10.0
+    mrope_section: tuple[int, int, int] = (4, 14, 14)
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True, default=str)
@@ -77,8 +86,8 @@ class BaseRecipe:
 def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
     """The base model's ``Qwen2_5_VLConfig``: the tiny architecture, wider and deeper (~4 M parameters).
 
-    Head dim 64 (vLLM's CPU attention needs one of its supported sizes); ``rope_theta`` 100 so neighbouring
-    image rows and columns rotate measurably apart in M-RoPE.
+    Head dim 64 (vLLM's CPU attention needs one of its supported sizes); ``rope_theta`` 10 so neighbouring
+    image rows and columns rotate measurably apart in M-RoPE (with Qwen's 1e6, columns differ by ~1e-4 rad).
     """
     heads = recipe.text_hidden // 64
     text = {
@@ -88,8 +97,13 @@ def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
         "num_attention_heads": heads,
         "num_key_value_heads": max(1, heads // 2),
         "head_dim": 64,
-        # mrope sections (t, h, w) in rotary pairs; they sum to head_dim / 2
-        "rope_parameters": {"rope_type": "default", "rope_theta": recipe.rope_theta, "mrope_section": [8, 12, 12]},
+        # M-RoPE gives t the highest frequencies, then h, then w the lowest: a low theta and wide h/w sections
+        # keep neighbouring image rows and columns apart by a measurable angle (~0.1-0.3 rad per step)
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": recipe.rope_theta,
+            "mrope_section": list(recipe.mrope_section),
+        },
     }
     vision = {
         "hidden_size": recipe.vision_hidden,
@@ -198,20 +212,22 @@ class _Pool:
     size: int
     scenes: list[Any] = field(default_factory=list)
 
-    def fill(self, progress: Callable[[str], None] | None = None) -> None:
-        from mgpo_core.modeling.base_tasks import Scene  # noqa: F401 - for the type in the list
+    def fill(self, marks: Sequence[float]) -> None:
+        self.scenes = [
+            make_scene(f"mgpo-base:{self.seed}:{i}", self.spec, marks[i % len(marks)]) for i in range(self.size)
+        ]
 
-        self.scenes = [make_scene(f"mgpo-base:{self.seed}:{i}", self.spec) for i in range(self.size)]
 
-
-def _items(rng: random.Random, pool: _Pool, mix: dict[str, float], n: int, long_system: bool) -> list[PretrainItem]:
-    tasks = list(mix)
-    weights = [mix[t] for t in tasks]
-    out = []
-    for _ in range(n):
-        task = rng.choices(tasks, weights)[0]
-        out.append(make_item(task, rng.choice(pool.scenes), rng, pool.spec, long_system=long_system))
-    return out
+def _items(rng: random.Random, pool: _Pool, stage: Stage, n: int) -> list[PretrainItem]:
+    tasks = list(stage.mix)
+    weights = [stage.mix[t] for t in tasks]
+    scenes = [s for s in pool.scenes if any(abs(s.mark_fraction - m) < 1e-9 for m in stage.marks)]
+    if not scenes:
+        raise ValueError(f"stage {stage.name!r} asks for marks {stage.marks}; the pool has none of them")
+    return [
+        make_item(rng.choices(tasks, weights)[0], rng.choice(scenes), rng, pool.spec, long_system=stage.long_system)
+        for _ in range(n)
+    ]
 
 
 def _probe(model: Any, encoder: ItemEncoder, probe_sets: dict[str, list[dict[str, Any]]], special: Any) -> dict[str, float]:
@@ -239,8 +255,15 @@ def pretrain_base(
     recipe: BaseRecipe | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    snapshots: str | Path | None = None,
+    start_stage: int = 0,
 ) -> Path:
-    """Build and pre-train the base model into ``out_dir`` (must be empty or absent); returns the directory."""
+    """Build and pre-train the base model into ``out_dir`` (must be empty or absent); returns the directory.
+
+    ``snapshots``: a folder that receives the weights after every stage (``stage-<i>.pt``); with
+    ``start_stage`` > 0 the build loads ``stage-<start_stage - 1>.pt`` from it and skips the earlier stages
+    (for working on a recipe: a shipped build always runs every stage in one go).
+    """
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
@@ -273,14 +296,14 @@ def pretrain_base(
 
         pool = _Pool(recipe.scene, seed, recipe.scenes)
         t0 = time.monotonic()
-        pool.fill()
+        pool.fill(recipe.mark_levels)
         log(f"build-base: drew {len(pool.scenes)} scenes in {time.monotonic() - t0:.0f} s")
-        held_out = _Pool(recipe.scene, seed + 10_000, 48)
-        held_out.fill()
+        held_out = _Pool(recipe.scene, seed + 10_000, 32)
+        held_out.fill([recipe.scene.mark_fraction])
         prng = random.Random(f"mgpo-base-probe:{seed}")
         probe_sets = {
             task: [encoder.encode(make_item(task, sc, prng, recipe.scene, long_system=True)) for sc in held_out.scenes]
-            for task in ("read", "locate", "read2")
+            for task in ("name", "read", "locate", "read2")
         }
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -294,14 +317,23 @@ def pretrain_base(
         history: list[dict[str, Any]] = []
         bar = tqdm(total=recipe.total_steps(), desc="build-base", disable=not progress, dynamic_ncols=True)
         step = 0
-        for stage in recipe.stages:
+        snap = Path(snapshots) if snapshots is not None else None
+        if start_stage:
+            if snap is None:
+                raise ValueError("pretrain_base: start_stage needs the snapshots folder of an earlier build")
+            model.load_state_dict(torch.load(snap / f"stage-{start_stage - 1}.pt"))
+            step = sum(s.steps for s in recipe.stages[:start_stage])
+            bar.update(step)
+        for si, stage in enumerate(recipe.stages):
+            if si < start_stage:
+                continue
             for k in range(stage.steps):
                 # per-stage warmup then cosine to 10 % of the stage's lr
                 frac = k / max(1, stage.steps)
                 lr = stage.lr * min(1.0, (k + 1) / recipe.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
                 for g in opt.param_groups:
                     g["lr"] = lr
-                items = _items(rng, pool, stage.mix, recipe.batch_size, stage.long_system)
+                items = _items(rng, pool, stage, recipe.batch_size)
                 batch = collate([encoder.encode(it) for it in items], model, special.pad, special.image_pad)
                 loss, _ = reply_loss(model, batch)
                 opt.zero_grad(set_to_none=True)
@@ -318,6 +350,9 @@ def pretrain_base(
                         f"build-base: step {step} [{stage.name}] loss {float(loss):.3f} | "
                         + " ".join(f"{t} {m[f'{t}/exact']:.2f} (gap {m[f'{t}/pixel_gap']:.2f})" for t in probe_sets)
                     )
+            if snap is not None:
+                snap.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), snap / f"stage-{si}.pt")
         bar.close()
 
     model.eval()
@@ -394,3 +429,72 @@ def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | 
 def base_model_for(cache_root: str | Path, seed: int = 0, **kw: Any) -> Path:
     """The base model for ``seed``: the shipped one when it matches the current recipe, else built and cached."""
     return shipped_base_dir(seed) or base_model_dir(cache_root, seed, **kw)
+
+
+def _holds(box: Sequence[float], target: Sequence[float]) -> bool:
+    return box[0] <= target[0] and box[1] <= target[1] and target[2] <= box[2] and target[3] <= box[3]
+
+
+def skill_report(
+    model_dir: str | Path,
+    *,
+    scenes: int = 64,
+    seed: int = 12345,
+    spec: SceneSpec | None = None,
+    temperature: float | None = None,
+) -> dict[str, float]:
+    """Measure the base skills with the real HF rollout engine on fresh scenes (greedy unless ``temperature``).
+
+    - ``locate/valid``: share of locate replies that parse to a valid box (the reference parser);
+    - ``locate/contains_target``: share whose box, mapped to the original, holds the whole tag;
+    - ``locate/random_box_contains``: the same for a random valid 2x2-cell box (the floor to beat);
+    - ``read/accuracy``: multiple-choice accuracy on a close-up cut from a grid box around the tag (chance 0.25);
+    - ``name/accuracy``: colour named from a close-up (chance 1/6).
+    """
+    from mgpo_core.episodes import PromptTemplates, encode_image
+    from mgpo_core.grounding import GroundingOptions, map_box_to_original, parse_grounding_box
+    from mgpo_core.modeling.loading import load_bundle
+    from mgpo_core.reward import answer_reward
+    from mgpo_core.rollout.base import GenerationRequest, RolloutSettings, SamplingSpec
+    from mgpo_core.rollout.hf import HFRolloutEngine
+
+    spec = spec or BaseRecipe().scene
+    bundle = load_bundle(model_dir)
+    templates = PromptTemplates("", "{question}", "{question}{choices}", "{question}{choices}")
+    engine = HFRolloutEngine(
+        bundle.model, bundle.tokenizer, bundle.image_processor, bundle.special, templates, RolloutSettings(), batch_size=32
+    )
+    encoder = ItemEncoder(bundle.tokenizer, bundle.image_processor, bundle.special)
+    rng = random.Random(f"mgpo-base-skills:{seed}")
+    pool = [make_scene(f"mgpo-base-skills:{seed}:{i}", spec) for i in range(scenes)]
+    sampling = SamplingSpec(64, temperature or 1.0, 1.0, greedy=temperature is None, seed=seed)
+    report: dict[str, float] = {}
+    for task in ("locate", "read", "name"):
+        items = [make_item(task, sc, rng, spec, long_system=True) for sc in pool]
+        reqs = []
+        for it in items:
+            e = encoder.encode(it)
+            ids = e["ids"][: e["prompt_len"]].tolist()
+            ims = [encode_image(bundle.image_processor, im) for im in it.images]
+            reqs.append(GenerationRequest(ids, ims, list(it.images), 64))
+        outs = engine._generate(reqs, sampling, 1)
+        texts = [bundle.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
+        if task == "locate":
+            valid = contains = rand = 0
+            for sc, text in zip(pool, texts, strict=True):
+                w, h = sc.overview.size
+                g = parse_grounding_box(text, w, h, GroundingOptions())
+                if g.valid and g.box is not None:
+                    valid += 1
+                    contains += _holds(map_box_to_original(g.box, (w, h), sc.original_size), sc.tag_box)
+                gx, gy = rng.randrange(0, w // 28 - 1) * 28, rng.randrange(0, h // 28 - 1) * 28
+                rand += _holds(map_box_to_original((gx, gy, gx + 56, gy + 56), (w, h), sc.original_size), sc.tag_box)
+            report.update(
+                {"locate/valid": valid / scenes, "locate/contains_target": contains / scenes,
+                 "locate/random_box_contains": rand / scenes}
+            )
+        elif task == "read":
+            report["read/accuracy"] = sum(answer_reward([t], it.answer) for t, it in zip(texts, items, strict=True)) / scenes
+        else:
+            report["name/accuracy"] = sum(t.strip() == it.reply for t, it in zip(texts, items, strict=True)) / scenes
+    return report

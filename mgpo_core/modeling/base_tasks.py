@@ -9,6 +9,8 @@ exactly as in the paper.
 
 Tasks (each item is one single-turn conversation; only the reply is trained):
 
+- ``name``: a close-up of the tag (mostly a tight crop) + "what colour is the mark?" -> the colour word (the
+  first thing the vision path learns; staged first because mixed tasks starve it of gradient);
 - ``read``: a close-up crop of the tag (cut and enlarged by the very functions the rollout uses) + a question with
   lettered options -> ``\\boxed{X}``;
 - ``locate``: the overview (resized exactly as the rollout resizes it) + a request to box the small white tag ->
@@ -36,7 +38,7 @@ from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 GRID = 28
 """Qwen2.5-VL's merged-patch size: one visual token per 28x28 pixels of the image the model sees."""
 
-TASKS = ("read", "locate", "read2", "guess")
+TASKS = ("name", "read", "locate", "read2", "guess")
 
 _LOCATE_REQUESTS = (
     "Locate the small white tag. Reply with its bounding box.",
@@ -45,6 +47,11 @@ _LOCATE_REQUESTS = (
     "Find the white tag and answer with its bbox_2d.",
     "Point at the small white tag with a box in pixel coordinates.",
     "Show me where the white tag is.",
+)
+_NAME_REQUESTS = (
+    "What colour is the mark on the white tag?",
+    "Name the colour of the dot on the tag.",
+    "Colour of the mark?",
 )
 _READ_TAILS = (
     "Reply with the letter of the right option in \\boxed{}.",
@@ -114,6 +121,7 @@ class Scene:
     original_size: tuple[int, int]
     tag_box: tuple[int, int, int, int]  # original pixels
     value: str
+    mark_fraction: float = 0.25
 
     def original(self) -> Image.Image:
         return Image.open(io.BytesIO(self.original_jpeg)).convert("RGB")
@@ -133,14 +141,16 @@ class SceneSpec:
     height: int = 768
     min_pixels: int = 12544
     max_pixels: int = 50176
-    min_target_px: int = 64
-    mark_fraction: float = 0.2
+    min_target_px: int = 80
+    mark_fraction: float = 0.25
     decoys: int = 2
     kind: str = "colour"
 
 
-def make_scene(seed: str, spec: SceneSpec) -> Scene:
+def make_scene(seed: str, spec: SceneSpec, mark_fraction: float | None = None) -> Scene:
+    """One picture drawn from ``seed``; ``mark_fraction`` overrides the spec's (the curriculum starts big)."""
     rng = random.Random(seed)
+    mark = spec.mark_fraction if mark_fraction is None else mark_fraction
     img, target = make_synthetic_image(
         rng,
         spec.width,
@@ -148,13 +158,13 @@ def make_scene(seed: str, spec: SceneSpec) -> Scene:
         kind=spec.kind,
         overview_max_pixels=spec.max_pixels,
         min_target_px=spec.min_target_px,
-        mark_fraction=spec.mark_fraction,
+        mark_fraction=mark,
         decoys=spec.decoys,
     )
     overview = resize_for_model(img, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=92, subsampling=0)
-    return Scene(overview, buf.getvalue(), img.size, tuple(target["box"]), target["value"])
+    return Scene(overview, buf.getvalue(), img.size, tuple(target["box"]), target["value"], mark)
 
 
 @dataclass
@@ -168,6 +178,16 @@ class PretrainItem:
     reply: str
     answer: str = ""  # the letter for read tasks
     box: tuple[int, ...] = ()  # the target box (overview pixels) for locate
+
+
+def _tight_crop(scene: Scene, rng: random.Random, spec: SceneSpec) -> Image.Image:
+    """The tag alone, give or take a few pixels, enlarged like a crop (the easiest close-up to learn from)."""
+    x1, y1, x2, y2 = scene.tag_box
+    pad = (x2 - x1) // 4
+    j = [rng.randint(0, pad) for _ in range(4)]
+    W, H = scene.original_size  # noqa: N806
+    box = (max(0, x1 - j[0]), max(0, y1 - j[1]), min(W, x2 + j[2]), min(H, y2 + j[3]))
+    return crop_and_enlarge(scene.original(), box, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
 
 def _close_up(scene: Scene, rng: random.Random, spec: SceneSpec) -> Image.Image:
@@ -207,6 +227,9 @@ def make_item(task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, l
         w, h = scene.overview.size
         box = grid_box(scene.tag_box_overview(), w, h)
         return PretrainItem(task, system, [scene.overview], rng.choice(_LOCATE_REQUESTS), box_reply(box), box=tuple(box))
+    if task == "name":
+        crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
+        return PretrainItem(task, system, [crop], rng.choice(_NAME_REQUESTS), scene.value)
     text, letter = _question_block(rng, scene.value)
     reply = f"\\boxed{{{letter}}}"
     if task == "read":

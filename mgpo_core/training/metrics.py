@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN, Episode
-from mgpo_core.grounding import box_iou
+from mgpo_core.grounding import box_iou, map_box_to_original
 
 
 def rollout_metrics(episodes: Sequence[Episode], advantages: torch.Tensor) -> dict[str, float]:
@@ -44,6 +44,7 @@ def rollout_metrics(episodes: Sequence[Episode], advantages: torch.Tensor) -> di
         m["rollout/crop_area_frac"] = sum(areas) / len(areas)
     if ious:
         m["rollout/gt_iou"] = sum(ious) / len(ious)
+    m.update({f"rollout/{k}": v for k, v in grounding_quality(episodes).items()})
     groups: dict[int, list[float]] = {}
     for ep, a in zip(episodes, advantages.tolist(), strict=True):
         groups.setdefault(ep.group, []).append(a)
@@ -51,6 +52,43 @@ def rollout_metrics(episodes: Sequence[Episode], advantages: torch.Tensor) -> di
         groups
     )
     return m
+
+
+def box_in_original(ep: Episode) -> tuple[int, int, int, int] | None:
+    """The episode's valid turn-1 box in ORIGINAL pixels (the crop box; for single-turn episodes, where nothing
+    is cropped, the box mapped the same way), or None when the box was missing or invalid."""
+    if ep.crop_box is not None:
+        return ep.crop_box
+    if not ep.grounding.valid or ep.grounding.box is None:
+        return None
+    return map_box_to_original(ep.grounding.box, ep.overview_size, ep.original_size)
+
+
+def grounding_quality(episodes: Sequence[Episode]) -> dict[str, float]:
+    """How well the model grounds, over the episodes whose sample has a ground-truth box.
+
+    ``box_contains_target``: share of ALL those episodes whose valid box (in original pixels) holds the whole
+    target box (a missing or invalid box counts as a miss) — the crop then shows what the question asks about;
+    ``box_iou``: mean IoU of the valid boxes with the target. Empty when no sample has a ground-truth box.
+    """
+    hits, ious, n = 0, [], 0
+    for ep in episodes:
+        if not ep.sample.gt_boxes:
+            continue
+        n += 1
+        box = box_in_original(ep)
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        if any(x1 <= g[0] and y1 <= g[1] and g[2] <= x2 and g[3] <= y2 for g in ep.sample.gt_boxes):
+            hits += 1
+        ious.append(max(box_iou(box, g) for g in ep.sample.gt_boxes))
+    if n == 0:
+        return {}
+    out = {"box_contains_target": hits / n}
+    if ious:
+        out["box_iou"] = sum(ious) / len(ious)
+    return out
 
 
 def logprob_gap(episodes: Sequence[Episode], old_logp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -140,6 +140,36 @@ def build_engine(cfg: MGPOConfig, model: torch.nn.Module, world: int):  # noqa: 
     return engine, optimizer, scheduler
 
 
+def rollout_episodes(engine, cfg: MGPOConfig, samples, *, seed: int | None, greedy: bool = False, n: int | None = None):  # noqa: ANN001, ANN201
+    """The training rollout ``cfg`` asks for: MGPO's two turns, or the single-turn GRPO baseline.
+
+    With ``algorithm.loss_turns: final`` only the last assistant turn stays in each episode's loss mask (the
+    ablation without MGPO's multi-turn mask: turn 1 is context, never trained).
+    """
+    r = cfg.rollout
+    n = r.n if n is None else n
+    if r.mode == "single_turn":
+        from mgpo_core.rollout.single_turn import generate_single_turn_episodes
+
+        episodes = generate_single_turn_episodes(
+            engine,
+            samples,
+            n,
+            system_prompt=r.single_turn_system_prompt,
+            template=r.single_turn_template,
+            greedy=greedy,
+            seed=seed,
+        )
+    else:
+        episodes = engine.generate_episodes(samples, n=n, seed=seed, greedy=greedy)
+    if cfg.algorithm.loss_turns == "final" and r.mode != "single_turn":
+        from mgpo_core.episodes import TURN2_TOKEN
+
+        for ep in episodes:
+            ep.loss_mask = ep.loss_mask * (ep.turn_index == TURN2_TOKEN).to(ep.loss_mask.dtype)
+    return episodes
+
+
 @dataclass(frozen=True)
 class UpdateSettings:
     """What one PPO update needs besides the tensors: loss weights, micro-batch size and how log-probs are taken."""
@@ -390,6 +420,7 @@ class MGPOTrainer:
 
         self.step = 0
         self.sampler = PromptSampler(samples, seed=cfg.algorithm.seed)
+        self._val_samples: list | None = None
         self.mlflow_run_id = mlflow_run_id or cfg.tracking.run_id
         self.uri = resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)
         self._resume()
@@ -454,12 +485,17 @@ class MGPOTrainer:
             bar = tqdm(total=a.total_steps, initial=self.step, desc="MGPO", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         self.steps_run = 0
+        every = self.cfg.evaluation.during_training_every
+        if every and self.step == 0 and self.sink is not None:
+            self.sink.log(self.validate(), 0)  # the curve starts at the base model
         while self.step < a.total_steps:
             t0 = time.perf_counter()
             last = self.train_step()
             self.step += 1
             self.steps_run += 1
             ckpt.fault_point("step-done", self.step)
+            if every and (self.step % every == 0 or self.step == a.total_steps):
+                last.update(self.validate())
             timing_ckpt = 0.0
             if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == a.total_steps:
                 tc = time.perf_counter()
@@ -480,6 +516,29 @@ class MGPOTrainer:
             bar.close()
         return self.finish(last)
 
+    def validate(self) -> dict[str, float]:
+        """Greedy rollouts in the training mode on the validation split: ``val/*`` metrics (rank 0's view)."""
+        if not self.is_main:
+            return {}
+        from mgpo_core.training.metrics import grounding_quality
+
+        if self._val_samples is None:
+            from mgpo_core.training.entry import load_eval_samples
+
+            self._val_samples = load_eval_samples(self.cfg)[: self.cfg.evaluation.during_training_limit]
+        t = time.perf_counter()
+        self.rollout.wake()
+        episodes = rollout_episodes(self.rollout, self.cfg, self._val_samples, seed=0, greedy=True, n=1)
+        self.rollout.sleep()
+        n = max(1, len(episodes))
+        m = {
+            "val/accuracy": sum(ep.reward > 0.5 for ep in episodes) / n,
+            "val/valid_box_ratio": sum(ep.valid_box for ep in episodes) / n,
+            **{f"val/{k}": v for k, v in grounding_quality(episodes).items()},
+            "timing/validation_s": time.perf_counter() - t,
+        }
+        return m
+
     def train_step(self) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
         batch_prompts = self.sampler.next_batch(a.prompts_per_step)
@@ -488,8 +547,8 @@ class MGPOTrainer:
 
         t = time.perf_counter()
         self.rollout.wake()
-        episodes = self.rollout.generate_episodes(
-            mine, n=cfg.rollout.n, seed=rollout_seed(a.seed, self.step, self.dist.rank)
+        episodes = rollout_episodes(
+            self.rollout, cfg, mine, seed=rollout_seed(a.seed, self.step, self.dist.rank)
         )
         self.rollout.sleep()
         m["timing/rollout_s"] = time.perf_counter() - t
@@ -498,6 +557,20 @@ class MGPOTrainer:
         rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
         adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]), eps=a.adv_eps)
         m.update(rollout_metrics(episodes, adv))
+        tr = cfg.tracking
+        if tr.log_episodes_every and self.is_main and (self.step + 1) % tr.log_episodes_every == 0:
+            from mgpo_core.training.episode_log import log_episodes
+
+            log_episodes(
+                episodes,
+                adv.tolist(),
+                self.step + 1,
+                run_dir=self.run_dir,
+                k=tr.log_episodes,
+                tracking_uri=self.uri,
+                run_id=self.mlflow_run_id,
+            )
+
         t = time.perf_counter()
         old_logp, ref_logp = self._reference_logprobs(episodes)
         m["timing/old_ref_logprobs_s"] = time.perf_counter() - t

@@ -1,0 +1,51 @@
+"""The reproduction's arms as the trainer runs them: single-turn GRPO episodes, the final-turn-only ablation's mask,
+and the grounding-quality metrics (box contains target, IoU) for both episode shapes."""
+
+from __future__ import annotations
+
+import torch
+
+from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN
+from mgpo_core.grounding import GroundingResult, map_box_to_model
+from mgpo_core.training.metrics import grounding_quality
+from mgpo_core.training.trainer import rollout_episodes
+
+
+def test_single_turn_episodes_have_one_image_one_trained_turn_and_the_answer_reward(hf_engine, tiny_cfg, synthetic_samples):
+    cfg = tiny_cfg.model_copy(update={"rollout": tiny_cfg.rollout.model_copy(update={"mode": "single_turn"})})
+    eps = rollout_episodes(hf_engine, cfg, synthetic_samples[:2], seed=0, n=2)
+    assert len(eps) == 4 and [e.group for e in eps] == [0, 0, 1, 1]
+    for ep in eps:
+        assert ep.image_grid_thw.shape[0] == 1 and ep.turn_length(TURN2_TOKEN) == 0
+        assert ep.crop_box is None and ep.turn2_text == ""
+        # the choices are in the single turn's prompt (unlike MGPO's turn 1)
+        prompt = hf_engine.tokenizer.decode(ep.input_ids[: ep.prompt_len])
+        assert "(A)" in prompt and ep.sample.question in prompt
+        trained = ep.loss_mask.bool()
+        assert trained.any() and bool((ep.turn_index[trained] == TURN1_TOKEN).all())
+        assert ep.reward in (0.0, 1.0)
+
+
+def test_final_turn_ablation_keeps_only_turn_two_in_the_loss_mask(hf_engine, tiny_cfg, synthetic_samples):
+    both = rollout_episodes(hf_engine, tiny_cfg, synthetic_samples[:1], seed=3, n=2)
+    cfg = tiny_cfg.model_copy(update={"algorithm": tiny_cfg.algorithm.model_copy(update={"loss_turns": "final"})})
+    final = rollout_episodes(hf_engine, cfg, synthetic_samples[:1], seed=3, n=2)
+    for a, b in zip(both, final, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)  # same rollout, only the mask differs
+        assert bool((a.loss_mask[a.turn_index == TURN1_TOKEN] == 1).all())
+        assert not bool(b.loss_mask[b.turn_index == TURN1_TOKEN].any())
+        assert torch.equal(a.loss_mask[a.turn_index == TURN2_TOKEN], b.loss_mask[b.turn_index == TURN2_TOKEN])
+
+
+def test_grounding_quality_counts_misses_and_maps_single_turn_boxes_to_the_original(hf_engine, tiny_cfg, synthetic_samples):
+    eps = rollout_episodes(hf_engine, tiny_cfg, synthetic_samples[:1], seed=0, n=3)
+    gt = eps[0].sample.gt_boxes[0]
+    around = map_box_to_model(
+        (max(0, gt[0] - 40), max(0, gt[1] - 40), gt[2] + 40, gt[3] + 40), eps[0].original_size, eps[0].overview_size
+    )
+    for ep, box in zip(eps, [around, (0.0, 0.0, 40.0, 40.0), None], strict=True):
+        ep.crop_box = None  # as in a single-turn episode: the box is mapped, not cropped
+        ep.grounding = GroundingResult(box, box is not None, "ok" if box else "no_json", "fenced", None, None)
+    q = grounding_quality(eps)
+    assert q["box_contains_target"] == 1 / 3  # the invalid one counts as a miss
+    assert 0 < q["box_iou"] < 1
