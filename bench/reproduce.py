@@ -144,7 +144,7 @@ def draw_curves(results: dict[str, dict[int, dict]], path: Path, steps: int, win
             d.text((x - 6, y0 + h + 6), str(s), fill="black", font=font)
         d.text((x0 + w / 2 - 20, y0 + h + 18), "RL step", fill="black", font=font)
         for arm, by_seed in results.items():
-            for seed, res in by_seed.items():
+            for res in by_seed.values():
                 pts = res["curves"].get(key, [])
                 pts = smooth(pts, win) if win > 1 else pts
                 xy = [(x0 + s / steps * w, y0 + h - min(1.0, max(0.0, v)) * h) for s, v in pts]
