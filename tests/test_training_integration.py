@@ -232,3 +232,51 @@ def test_two_ranks_printing_to_one_pipe_never_merge_lines(tmp_path):
     lines = out.splitlines()
     bad = [x for x in lines if x.count("RESULT") != 1]
     assert len(lines) == 40000 and not bad, (len(lines), bad[:3])
+
+
+def test_a_stalled_run_is_ended_and_fails_naming_the_phase(tmp_path, monkeypatch):
+    """An injected hang after step 1 (as a hung collective would): the group is killed after the stall timeout
+    and the failure names the step it stalled in; a retry may help, so the classifier says retry."""
+    import time
+
+    from mgpo_core.training.launch import TrainingStalled, launch_training
+    from tasks.retry import classify
+
+    monkeypatch.setenv("MGPO_HANG", "step-done:2")
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            *SMALL,
+            f"state_dir={tmp_path}",
+            f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "algorithm.total_steps=3",
+            "algorithm.prompts_per_step=2",
+            "algorithm.mini_batch_prompts=2",
+            "algorithm.micro_batch_size=4",
+            "rollout.n=2",
+            "rollout.max_new_tokens_turn1=4",
+            "rollout.max_new_tokens_turn2=2",
+            "checkpoint.export_hf=false",
+            "deepspeed.stall_timeout_s=8",
+        ],
+    )
+    steps: list[int] = []
+    with pytest.raises(TrainingStalled) as err:
+        launch_training(cfg, tmp_path / "hang", on_step=lambda s, m: steps.append(s), timeout_s=60)
+    assert steps == [1], "step 1 was journaled, step 2 hung"
+    assert "no RL step finished for" in str(err.value) and "in step 2" in str(err.value)
+    assert classify(err.value).retry
+    time.sleep(1)
+    alive = [
+        p.name
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(tmp_path / "hang") in _cmdline(p)
+    ]
+    assert alive == [], "the whole process group was ended"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

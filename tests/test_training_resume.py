@@ -113,6 +113,23 @@ def kill_when(run_dir: Path, state_dir: Path, min_journal_lines: int, extra_dela
     return p.wait(timeout=30)
 
 
+def kill_at(run_dir: Path, state_dir: Path, seconds: float) -> int:
+    """Start a run and SIGKILL its process group ``seconds`` after the start, whatever it is doing then
+    (imports, model loading, DeepSpeed's JIT-op load, a step, a checkpoint)."""
+    p = subprocess.Popen(
+        _cmd(run_dir, state_dir, []),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        return p.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return p.wait(timeout=30)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "hf_export" / "model.safetensors"))
 
@@ -124,8 +141,10 @@ def manifest(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, state_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
+    t0 = time.monotonic()
     p = run(run_dir, state_dir)
     assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
     return run_dir
 
 
@@ -155,7 +174,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, state_dir, refere
     assert p.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / ".tmp-step-000002").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000001"
-    # 2) killed at a random moment inside a step (after at least 2 logged steps of this run)
+    # 2) killed at a uniformly random wall-clock moment from process start (start-up included: imports,
+    #    loading, DeepSpeed's JIT-op lock), then at a random moment inside a step (after 2 logged steps)
+    kill_at(run_dir, state_dir, rng.uniform(0.0, float((reference_run / "wall_s").read_text())))
     kill_when(run_dir, state_dir, min_journal_lines=3, extra_delay=rng.uniform(0.0, 1.5))
     # 3) killed between the rename and the update of "latest"
     p = run(run_dir, state_dir, fault="checkpoint-renamed:4")
@@ -226,3 +247,30 @@ def test_mlflow_run_has_every_step_and_the_design_metrics(reference_run, state_d
     assert sorted(h.step for h in hist) == [1, 2, 3, 4]
     assert run.data.params["algorithm.kl_coef"] == "0.01"
     assert run.data.tags["mgpo.config_hash"] == m["config_hash"]
+
+
+def test_a_stale_jit_lock_left_by_a_killed_start_does_not_hang_the_next_one(tmp_path, state_dir, monkeypatch):
+    """A SIGKILL while DeepSpeed loads its shared-memory op leaves torch's ``lock`` file; torch then waits on it
+    forever. The next start must find that no rank holds it, remove it, and train (here: one step)."""
+    import shutil
+
+    from mgpo_core.training.jit_guard import OP_NAME, op_build_dir
+
+    ext = tmp_path / "torch_extensions"
+    built = op_build_dir()
+    if built is not None and built.is_dir():  # reuse the machine's build (no 30 s rebuild)
+        shutil.copytree(built, ext / OP_NAME, ignore=shutil.ignore_patterns("lock", ".mgpo-guard"))
+    (ext / OP_NAME).mkdir(parents=True, exist_ok=True)
+    lock = ext / OP_NAME / "lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # the killed start was an hour ago
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    p = run(
+        tmp_path / "after-stale-lock",
+        state_dir,
+        extra=["algorithm.total_steps=1", "checkpoint.export_hf=false", "deepspeed.startup_timeout_s=240"],
+        timeout=400,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "removed a stale torch JIT-build lock" in p.stderr
+    assert not lock.exists()

@@ -54,7 +54,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def fault_point(name: str, step: int) -> None:
-    """Crash-test hook: ``MGPO_FAULT=<name>:<step>`` kills this process with SIGKILL at that point."""
+    """Crash-test hooks: ``MGPO_FAULT=<name>:<step>`` kills this process with SIGKILL at that point;
+    ``MGPO_HANG=<name>:<step>`` makes it hang there forever (as a hung collective would)."""
+    if os.environ.get("MGPO_HANG") == f"{name}:{step}":
+        import time
+
+        while True:
+            time.sleep(3600)
     if os.environ.get("MGPO_FAULT") == f"{name}:{step}":
         import signal
 

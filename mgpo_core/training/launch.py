@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,105 @@ class TrainingFailed(RuntimeError):
             f"checkpoint). Last log lines:\n{log_tail}"
         )
         self.returncode, self.log_tail, self.run_dir = returncode, log_tail, run_dir
+
+
+class StepWatcher:
+    """Follows ``metrics.jsonl`` (one JSON line per finished step, written by rank 0) from a thread."""
+
+    def __init__(self, journal: Path, on_step: Callable[[int, dict[str, float]], None] | None, poll_s: float = 1.0):
+        import threading
+
+        self.journal, self.on_step, self.poll_s = journal, on_step, poll_s
+        self.offset = journal.stat().st_size if journal.exists() else 0  # only steps of this launch
+        self.last_step: int | None = None
+        self.last_progress = time.monotonic()
+        self.pgid: int | None = None
+        self.stall_s: float | None = None
+        self.startup_s: float | None = None
+        self.last_line: Callable[[], list[str]] = list
+        self.stalled: tuple[str, float] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mgpo-step-watcher", daemon=True)
+
+    def watch_stall(
+        self,
+        pgid: int,
+        stall_s: float | None,
+        startup_s: float | None,
+        last_line: Callable[[], list[str]],
+    ) -> None:
+        """Kill process group ``pgid`` when no step is journaled for ``stall_s`` (``startup_s`` before the
+        first step of this launch); ``stalled`` then holds (phase, seconds waited)."""
+        self.pgid, self.stall_s, self.startup_s, self.last_line = pgid, stall_s, startup_s, last_line
+
+    def _check_stall(self) -> None:
+        if self.pgid is None or self.stalled is not None:
+            return
+        limit = self.startup_s if self.last_step is None else self.stall_s
+        waited = time.monotonic() - self.last_progress
+        if limit is None or waited < limit:
+            return
+        last = (self.last_line() or [""])[-1].strip()[:200]
+        if self.last_step is None:
+            phase = "starting up (before the first step: model loading, JIT builds, engine start-up)"
+        else:
+            phase = f"in step {self.last_step + 1} (rollout, log-probs, update or checkpoint)"
+        if last:
+            phase += f"; last output: {last!r}"
+        self.stalled = (phase, waited)
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+            self._check_stall()
+
+    def poll(self) -> None:
+        try:
+            with self.journal.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        self.offset += end + 1
+        for raw in chunk[: end + 1].splitlines():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            self.last_step, self.last_progress = int(rec.get("step", 0)), time.monotonic()
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.last_step, rec.get("metrics", {}))
+                except Exception:  # noqa: BLE001 - progress display must never stop training
+                    pass
+
+
+class TrainingStalled(TrainingFailed):
+    """No RL step finished within the stall timeout; the process group was ended. Retriable (tasks/retry.py)."""
+
+    def __init__(self, phase: str, waited_s: float, log_tail: str, run_dir: Path) -> None:
+        RuntimeError.__init__(
+            self,
+            f"training stalled: no RL step finished for {waited_s:.0f} s while {phase}; the process group was "
+            f"ended (run directory {run_dir}; relaunching resumes from the last checkpoint; the limit is "
+            f"deepspeed.stall_timeout_s / deepspeed.startup_timeout_s). Last log lines:\n{log_tail}",
+        )
+        self.returncode, self.log_tail, self.run_dir, self.phase = -9, log_tail, run_dir, phase
 
 
 def free_port() -> int:
@@ -69,9 +169,13 @@ def launch_training(
     *,
     mlflow_run_id: str | None = None,
     on_line: Callable[[str], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run training to completion in a launched process group; returns ``run_dir/manifest.json``'s content."""
+    """Run training to completion in a launched process group; returns ``run_dir/manifest.json``'s content.
+
+    ``on_line`` gets every output line of the ranks; ``on_step`` gets ``(step, metrics)`` for every step the
+    trainer journals (read from ``metrics.jsonl`` by a watcher thread while the group runs)."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run / "launch-config.yaml")
@@ -92,6 +196,11 @@ def launch_training(
             start_new_session=True,
             bufsize=1,
         )
+        watcher = StepWatcher(run / "metrics.jsonl", on_step)
+        watcher.watch_stall(
+            proc.pid, cfg.deepspeed.stall_timeout_s, cfg.deepspeed.startup_timeout_s, lambda: list(tail)[-1:]
+        )
+        watcher.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -111,6 +220,11 @@ def launch_training(
                 except ProcessLookupError:
                     pass
             raise
+        finally:
+            watcher.stop()
+    if watcher.stalled is not None:
+        phase, waited = watcher.stalled
+        raise TrainingStalled(phase, waited, "\n".join(tail), run)
     if rc != 0:
         raise TrainingFailed(rc, "\n".join(tail), run)
     return json.loads((run / "manifest.json").read_text())
