@@ -48,11 +48,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.mlflow_tracking_uri={mlflow_url}")
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    from flows.nightly import nightly
+    if args.verbose:
+        from flows.nightly import nightly
+
+        t0 = time.perf_counter()
+        summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+        print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
+        return 0
+    import shlex
+
+    from flows.nightly import nightly  # imports Prefect, which configures its logging: hook in after that
+    from tasks.console import clean_console, failure_paragraph, park_output
 
     t0 = time.perf_counter()
-    summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+    failure, summary = None, None
+    with clean_console(cfg.state_dir) as console:
+        where = f"Prefect {prefect_url}" if prefect_url else "Prefect ephemeral API"
+        console.say(
+            f"MGPO pipeline ({args.preset or 'tiny-cpu'}; {where}; MLflow {mlflow_url or 'SQLite store'})\n"
+            f"  logs      {console.dir}/<stage>.log"
+        )
+        try:
+            summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+        except Exception as e:  # noqa: BLE001 - reported as one paragraph; the traceback is in the log
+            import traceback
+
+            traceback.print_exc()  # into the current log file
+            rerun = " ".join(shlex.quote(a) for a in ["mgpo", "run", *sys.argv[2:]]) if len(sys.argv) > 1 else "mgpo run"
+            failure = failure_paragraph(console, e, rerun)
+    if failure is not None:
+        print(failure, file=sys.stderr)
+        park_output(console.log_path("pipeline"))
+        return 1
     print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
+    park_output(console.log_path("pipeline"))
     return 0
 
 
@@ -98,6 +127,12 @@ def register(sub) -> None:  # noqa: ANN001
         help="raw dataset input for the filter stage (repeatable; default: the synthetic set)",
     )
     p.add_argument("--refresh", action="store_true", help="ignore cached stage results and run every stage")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every log line of every stage and library on the console (default: progress and summary; "
+        "the rest goes to <state>/logs/<run>/<stage>.log)",
+    )
     p.set_defaults(func=cmd_run)
 
 

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.common import input_fingerprint
+from tasks.console import attach as console_attach
 from tasks.stages import (
     evaluate_task,
     filter_task,
@@ -41,6 +42,7 @@ def nightly(
     """Run the whole pipeline; returns a summary (dataset, training, model version, scores, promotion)."""
     overrides, inputs = list(overrides or []), list(inputs or [])
     log = get_run_logger()
+    console_attach()  # under `mgpo run`: one console line per finished stage
     parent = pipeline_run_task(preset, overrides, inputs)
     dataset = filter_task(preset, overrides, inputs, parent, input_fingerprint(inputs))
     create_markdown_artifact(

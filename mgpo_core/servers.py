@@ -50,6 +50,12 @@ class ServerRecord:
     ui_url: str
 
 
+def mlflow_store_paths(state_dir: str | Path) -> tuple[Path, Path]:
+    """(SQLite database, artifact folder) of the state folder's MLflow store, used with and without the server."""
+    state = Path(state_dir).resolve()
+    return state / "mlflow.db", state / "mlartifacts"
+
+
 def servers_dir(state_dir: str | Path) -> Path:
     return Path(state_dir).resolve() / "servers"
 
@@ -222,10 +228,15 @@ def server_command(
     if name == "mlflow":
         # Its job runner (GenAI judges) forks ~8 consumer processes: dead weight for this pipeline on 2 cores.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        # One system of record: the server serves THE store the serverless mode writes (<state>/mlflow.db,
+        # artifacts in <state>/mlartifacts), so runs, models and aliases of both modes are in one UI and a
+        # cached stage result points into the same store whether or not the server runs.
+        store, artifacts = mlflow_store_paths(state_dir)
         argv = [
             sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+            "--backend-store-uri", f"sqlite:///{store}",
+            "--default-artifact-root", artifacts.as_uri(),
+            "--artifacts-destination", str(artifacts), "--serve-artifacts",
             "--workers", str(mlflow_workers),  # more workers only contend for 2 cores and one SQLite file
         ]  # fmt: skip
         return argv, env

@@ -70,22 +70,35 @@ def input_fingerprint(paths: list[str]) -> str:
 
 
 def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa: ANN201
-    """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version.
+    """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version + the identity
+    of the tracking store and of the state folder — and a cached result is validated before it is used.
 
     ``preset`` + ``overrides`` are replaced by the resolved config minus ``ignore_sections`` (those that cannot
-    change the stage's result, e.g. ``evaluation`` for training) and minus paths that do not change results
-    (``tracking``; ``state_dir`` stays: results point into it). The other inputs carry the dataset content hash and upstream manifests, so a
-    rerun of the nightly flow with the same inputs returns finished stages from the persisted results.
+    change the stage's result, e.g. ``evaluation`` for training), minus ``tracking`` and ``state_dir`` (where
+    things go), plus the store identity (the state folder's own MLflow store is one store with or without the
+    local server; any other URI is another store) and the state folder's id (its contents, not its path). The
+    other inputs carry the dataset content hash and upstream manifests. When a result is stored under the key,
+    ``tasks.validate`` checks what it names (dataset, checkpoint, MLflow runs, model version); a stale one sends
+    the stage to another key, so it runs again and the log says why.
     """
 
-    def key(_ctx, params: dict[str, Any]) -> str:  # noqa: ANN001
+    def key(ctx, params: dict[str, Any]) -> str:  # noqa: ANN001
+        from tasks.validate import state_identity, store_identity, validated_key
+
         params = dict(params)
+        cfg_obj = None
         if "preset" in params and "overrides" in params:
-            cfg = load_cfg(params.pop("preset"), params.pop("overrides")).model_dump(mode="json")
-            for k in ("tracking", "run_name", "preset", *ignore_sections):
+            cfg_obj = load_cfg(params.pop("preset"), params.pop("overrides"))
+            cfg = cfg_obj.model_dump(mode="json")
+            for k in ("tracking", "run_name", "preset", "state_dir", *ignore_sections):
                 cfg.pop(k, None)
             params["config"] = cfg
-        return f"mgpo-{stage}-{digest(stage, params, source_digest())}"
+            params["stores"] = {
+                "tracking": store_identity(tracking_uri(cfg_obj), cfg_obj.state_dir),
+                "state": state_identity(cfg_obj.state_dir),
+            }
+        base = f"mgpo-{stage}-{digest(stage, params, source_digest())}"
+        return validated_key(stage, base, cfg_obj, ctx) if cfg_obj is not None else base
 
     return key
 

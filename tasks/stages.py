@@ -23,6 +23,7 @@ from tasks.common import (
     stage_cache_key,
     tracking_uri,
 )
+from tasks.console import progress, staged
 from tasks.retry import retry_if_transient
 
 # MGPO_TASK_RETRIES overrides the retry count (tests of failure handling set 0).
@@ -76,6 +77,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
     timeout_seconds=6 * 3600,
     **RETRY,
 )
+@staged("filter")
 def filter_task(
     preset: str,
     overrides: list[str],
@@ -88,7 +90,6 @@ def filter_task(
     ``inputs_fingerprint`` (sizes and mtimes of the input files) is only there for the cache key.
     """
     from mgpo_core.data.stage import run_filter_stage
-    from mgpo_core.data.synthetic import synthetic_split_for
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
@@ -98,7 +99,7 @@ def filter_task(
     eval_path = cfg.data.eval_path
     if not inputs:
         d = cfg.data
-        train, ev = synthetic_split_for(cfg, "train"), synthetic_split_for(cfg, "eval")
+        train, ev = _synthetic_split(cfg, "train", log), _synthetic_split(cfg, "eval", log)
         inputs, eval_path = [str(train)], eval_path or str(ev)
         log.info(
             "no inputs given: generated the synthetic set (%d train, %d eval)",
@@ -107,10 +108,10 @@ def filter_task(
         )
     result = run_filter_stage(cfg, inputs, state / "datasets", progress=False)
     rep = result.report
-    log.info(
-        "filter: %s; dropped by reason %s",
-        json.dumps(rep.get("counts")),
-        json.dumps(rep.get("dropped_by_reason")),
+    c = rep.get("counts", {})
+    progress(
+        f"filter    dataset {result.dataset_dir.name}: {c.get('in')} rows in, {c.get('kept')} kept, "
+        f"{c.get('dropped')} dropped {json.dumps(rep.get('dropped_by_reason') or {})}"
     )
     if parent_run_id:
         _log_filter_run(cfg, parent_run_id, result)
@@ -121,6 +122,28 @@ def filter_task(
         "report": {k: v for k, v in rep.items() if isinstance(v, int | float | str | dict)},
         "report_md": str(next(iter(result.dataset_dir.glob("report*.md")), "")),
     }
+
+
+def _synthetic_split(cfg, split: str, log) -> Path:  # noqa: ANN001
+    """The config's synthetic split, regenerated when the one on disk names images that are not there (a state
+    folder moved since: the split's JSONL holds the absolute paths of the place it was written)."""
+    import shutil
+
+    from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_split_for
+
+    jsonl = synthetic_split_for(cfg, split)
+    missing = [s.image_path for s in read_samples_jsonl(jsonl) if not Path(s.image_path).exists()]
+    if missing:
+        log.warning(
+            "synthetic %s split %s names %d images that do not exist (e.g. %s; moved state folder?): regenerating",
+            split,
+            jsonl.parent,
+            len(missing),
+            missing[0],
+        )
+        shutil.rmtree(jsonl.parent)
+        jsonl = synthetic_split_for(cfg, split)
+    return jsonl
 
 
 def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
@@ -145,6 +168,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
     timeout_seconds=3 * 24 * 3600,
     **RETRY,
 )
+@staged("train")
 def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], parent_run_id: str | None) -> dict:
     """Launch the DeepSpeed process group on the filtered dataset; a retry resumes from the last checkpoint."""
     from mgpo_core.config import config_hash
@@ -159,16 +183,50 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
         Path(cfg.state_dir) / "runs" / f"{cfg.run_name}-{digest(config_hash(cfg), dataset['dataset_hash'])}"
     )
     state_file = run_dir / "mlflow_run_id"
-    if state_file.exists():
-        mlflow_run_id = state_file.read_text().strip()
-    else:
+    mlflow_run_id = state_file.read_text().strip() if state_file.exists() else None
+    if mlflow_run_id and not _run_exists(cfg, mlflow_run_id):
+        log.warning(
+            "the run directory's MLflow run %s is not in the tracking store %s: starting a new one",
+            mlflow_run_id,
+            tracking_uri(cfg),
+        )
+        mlflow_run_id = None
+    if mlflow_run_id is None:
         mlflow_run_id = _start_child_run(cfg, parent_run_id, "train", "train")
         run_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(mlflow_run_id)
-    manifest = launch_training(cfg, run_dir, mlflow_run_id=mlflow_run_id, on_line=log.info)
+    total = cfg.algorithm.total_steps
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        names = {"reward/mean": "reward", "rollout/valid_box_ratio": "valid boxes", "timing/step_s": "s/step"}
+        shown = ", ".join(f"{label} {metrics[k]:.3g}" for k, label in names.items() if k in metrics)
+        progress(f"train     step {step}/{total}  {shown}")
+
+    progress(f"train     {total} RL steps in {run_dir} (log: {run_dir / 'train.log'})")
+    manifest = launch_training(
+        cfg, run_dir, mlflow_run_id=mlflow_run_id, on_line=lambda line: log.debug(line), on_step=on_step
+    )
     manifest["run_dir"] = str(run_dir)
     manifest["dataset_hash"] = dataset["dataset_hash"]
+    if manifest.get("hf_export"):
+        from mgpo_core.registry import checkpoint_digest
+        from tasks.validate import tree_fingerprint
+
+        manifest["hf_export_digest"] = checkpoint_digest(manifest["hf_export"])
+        manifest["hf_export_fingerprint"] = tree_fingerprint(manifest["hf_export"])
     return manifest
+
+
+def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri(cfg)).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
 
 
 @task(
@@ -178,6 +236,7 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
     timeout_seconds=3600,
     **RETRY,
 )
+@staged("register")
 def register_task(
     preset: str, overrides: list[str], train: dict[str, Any], parent_run_id: str | None
 ) -> dict:
@@ -202,12 +261,14 @@ def register_task(
         },
         parent_run_id=parent_run_id,
     )
+    progress(f"register  {v.name} v{v.version} ({'new version' if v.created else 'already registered'})")
     return {
         "model_name": v.name,
         "version": v.version,
         "run_id": v.run_id,
         "created": v.created,
         "hf_export": train["hf_export"],
+        "digest": train.get("hf_export_digest") or "",
     }
 
 
@@ -218,6 +279,7 @@ def register_task(
     timeout_seconds=12 * 3600,
     **RETRY,
 )
+@staged("evaluate")
 def evaluate_task(
     preset: str,
     overrides: list[str],
@@ -250,6 +312,7 @@ def evaluate_task(
                 progress=False,
             )
             log.info("eval %s: %s", bench, json.dumps(res.metrics))
+            progress(f"evaluate  {bench}: overall {res.metrics.get('overall', float('nan')):.4f}")
             results.append(res)
     finally:
         engine.close()
@@ -283,6 +346,7 @@ def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
 
 
 @task(name="promote", timeout_seconds=600, **RETRY)
+@staged("promote")
 def promote_task(preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict) -> dict:
     """Move ``champion`` to the new version only if it beats the current champion on the configured metric."""
     from mgpo_core.registry import promote_if_better
@@ -296,7 +360,7 @@ def promote_task(preset: str, overrides: list[str], registration: dict[str, Any]
         cfg.evaluation.promotion_metric,
         min_improvement=cfg.evaluation.min_improvement,
     )
-    get_run_logger().info("promotion: %s", d.reason)
+    progress(f"promote   {'champion is now v' + str(d.version) if d.promoted else 'champion unchanged'}: {d.reason}")
     return {
         "promoted": d.promoted,
         "version": d.version,

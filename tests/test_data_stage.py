@@ -37,7 +37,8 @@ def _rows_file(tmp_path: Path, rows: list[dict]) -> Path:
 def test_dataset_directory_is_named_by_the_hash_of_its_samples_and_holds_manifest_and_report(tmp_path, synth):
     result = run_filter_stage(_cfg(tmp_path), [synth], tmp_path / "out", progress=False)
     data = result.samples_path.read_bytes()
-    assert result.dataset_dir.name == hashlib.sha256(data).hexdigest()[:16]
+    assert result.manifest["samples_sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(result.dataset_dir.name) == 16
     assert sorted(p.name for p in result.dataset_dir.iterdir()) == [
         "dropped.jsonl",
         "manifest.json",
@@ -270,3 +271,19 @@ def test_report_markdown_shows_an_example_for_each_reason(tmp_path, synth):
     assert "**4** rows in = **1** kept + **3** dropped" in md
     for reason in ("duplicate", "image_missing", "missing_field"):
         assert f"| {reason} | 1 |" in md
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_the_dataset_hash_does_not_depend_on_where_the_state_folder_lies(tmp_path, dedupe):
+    """Same rows and images in two state folders (a moved folder): same dataset hash, real paths in the file.
+    With de-duplication the images are named by their content digest, without it by their place in the folder."""
+    names, files = [], []
+    for where in ("a", "b/deeper"):
+        state = tmp_path / where / "state"
+        split = write_synthetic_split(state / "data" / "synth", 4, seed=5, width=320, height=240)
+        cfg = load_config("tiny-cpu", [f"state_dir={state}", f"data.filters.dedupe={str(dedupe).lower()}"])
+        result = run_filter_stage(cfg, [split], state / "datasets", progress=False)
+        names.append(result.dataset_dir.name)
+        files.append(result.samples_path.read_text())
+    assert names[0] == names[1]
+    assert files[0] != files[1] and str(tmp_path / "b") in files[1]

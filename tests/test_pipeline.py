@@ -80,6 +80,15 @@ def clean_run(tmp_path_factory) -> Path:
     p = run_pipeline(state)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "MGPO pipeline finished" in p.stdout and "champion" in p.stdout and "MLflow UI" in p.stdout
+    # A clean console: stage progress and the summary; library noise and Prefect's lines are in the stage logs.
+    console = p.stdout + p.stderr
+    assert "train     step 2/2" in console and "filter    dataset" in console, console[-3000:]
+    for noise in ("Warning", "Loading weights", "Traceback", "Finished in state", "prefect"):
+        assert noise not in console, f"{noise!r} reached the console:\n{console[-3000:]}"
+    logs = next((state / "logs").iterdir())
+    assert {"filter.log", "train.log", "register.log", "evaluate.log", "promote.log"} <= {
+        f.name for f in logs.iterdir()
+    }
     return state
 
 
@@ -107,6 +116,11 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
     p = run_pipeline(state, fail="evaluate")
     assert p.returncode != 0
     assert "injected failure in stage 'evaluate'" in p.stdout + p.stderr
+    # One short paragraph: the stage, the error, the log with the traceback, how to rerun.
+    assert "Traceback" not in p.stdout + p.stderr and len(p.stderr.strip().splitlines()) <= 4, p.stderr
+    assert "failed in stage 'evaluate'" in p.stderr and "rerun: mgpo run" in p.stderr
+    log = Path(p.stderr.split("full log and traceback: ", 1)[1].split()[0])
+    assert log.name == "evaluate.log" and "Traceback" in log.read_text()
     assert executions(state) == {"filter": 1, "train": 1, "register": 1, "evaluate": 1}
     p = run_pipeline(state)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -117,3 +131,61 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
     assert rerun["tags"].pop("mgpo.dataset_hash") == next((state / "datasets").iterdir()).name
     clean["tags"].pop("mgpo.dataset_hash")
     assert rerun == clean, "the rerun must end where a clean run ends (same weights digest, scores, aliases)"
+
+
+def _mgpo(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "mgpo_core.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_day_two_servers_up_then_rerun_deleted_version_and_moved_state(clean_run, tmp_path):
+    """The README's own order: run (serverless), `mgpo servers up`, run again — the cached stages point into the
+    same store the server serves, so the rerun succeeds from cache. Then a registered version is deleted, and the
+    state folder is moved: each rerun validates the cached results, runs again what went stale and says why.
+    (Runs last: it changes the clean run's state folder.)"""
+    from mgpo_core.servers import free_port, read_records, stop_process_group, stop_servers
+
+    state = clean_run
+    before = executions(state)
+    ports = [str(free_port()), str(free_port())]
+    up = _mgpo("servers", "up", "--state-dir", str(state), "--prefect-port", ports[0], "--mlflow-port", ports[1],
+               "--timeout", "240")  # fmt: skip
+    pids = [r.pid for r in read_records(state).values()]
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        p = run_pipeline(state)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"http://127.0.0.1:{ports[1]}" in p.stdout, "the summary names the local MLflow server"
+        after = executions(state)
+        assert after == {**before, "promote": before["promote"] + 1}, "filter…evaluate came from the cache"
+        served = MlflowClient(f"http://127.0.0.1:{ports[1]}")
+        assert served.get_model_version_by_alias("mgpo-policy", "champion").version == "1"
+    finally:
+        stop_servers(state, timeout=20)
+        for pid in pids:
+            stop_process_group(pid, timeout=5)
+
+    # A registered version deleted in the UI: registration (and what follows) runs again; nothing before it.
+    MlflowClient(f"sqlite:///{state}/mlflow.db").delete_model_version("mgpo-policy", "1")
+    p = run_pipeline(state)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "stage 'register' is stale: model version mgpo-policy v1 is not in the tracking store" in p.stdout + p.stderr
+    again = executions(state)
+    assert {k: again[k] - after.get(k, 0) for k in again} == {
+        "filter": 0, "train": 0, "register": 1, "evaluate": 1, "promote": 1
+    }  # fmt: skip
+    assert registry_state(state)["champion"] == "2"
+    dataset_hash = next((state / "datasets").iterdir()).name
+
+    # The state folder moved: every cached result names the old place, so each stage runs again; the dataset
+    # keeps its hash, and the retrained identical checkpoint is recognised as the registered version.
+    moved = tmp_path / "moved"
+    state.rename(moved)
+    p = run_pipeline(moved)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "stage 'filter' is stale" in p.stdout + p.stderr and "outside the state folder" in p.stdout + p.stderr
+    assert next((moved / "datasets").iterdir()).name == dataset_hash
+    reg = registry_state(moved)
+    assert reg["versions"] == ["2"] and reg["champion"] == reg["challenger"] == "2"

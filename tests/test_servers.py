@@ -223,11 +223,12 @@ def test_up_starts_both_servers_healthy_with_all_state_in_the_state_folder(serve
             assert r.status == 200
         assert Path(rec.log).is_file() and Path(rec.log).is_relative_to(root)
     assert (root / "prefect" / "prefect.db").is_file()
-    assert (root / "mlflow" / "mlflow.db").is_file()
+    # One system of record: the MLflow server serves the store the serverless mode uses.
+    assert (servers.state / "mlflow.db").is_file() and not (root / "mlflow" / "mlflow.db").exists()
 
 
 @pytest.mark.slow
-def test_mlflow_server_accepts_a_run_through_its_rest_api(servers):
+def test_mlflow_server_serves_the_serverless_store_runs_and_artifacts(servers):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(servers.records["mlflow"].url)
@@ -236,13 +237,18 @@ def test_mlflow_server_accepts_a_run_through_its_rest_api(servers):
     client.log_param(run.info.run_id, "lr", "0.1")
     for step, v in enumerate([0.5, 0.25]):
         client.log_metric(run.info.run_id, "loss/policy", v, step=step)
-    client.log_text(run.info.run_id, "proxied artifact", "notes/hello.txt")
+    client.log_text(run.info.run_id, "stored artifact", "notes/hello.txt")
     client.set_terminated(run.info.run_id)
     got = client.get_run(run.info.run_id)
     assert got.data.params == {"lr": "0.1"}
     assert got.data.metrics["loss/policy"] == 0.25 and got.info.status == "FINISHED"
-    stored = list((servers.state / "servers" / "mlflow" / "artifacts").rglob("hello.txt"))
-    assert len(stored) == 1 and stored[0].read_text() == "proxied artifact"
+    stored = list((servers.state / "mlartifacts").rglob("hello.txt"))
+    assert len(stored) == 1 and stored[0].read_text() == "stored artifact"
+    # ... and what the server wrote, the serverless store reads (and the other way round).
+    local = MlflowClient(f"sqlite:///{servers.state / 'mlflow.db'}")
+    assert local.get_run(run.info.run_id).data.metrics["loss/policy"] == 0.25
+    offline = local.create_run(exp, run_name="serverless").info.run_id
+    assert client.get_run(offline).info.run_name == "serverless"
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Writing a filtered dataset: ``<out_root>/<hash>/`` with ``samples.jsonl`` (the kept rows), ``dropped.jsonl``
 (every dropped row with its reason), ``manifest.json`` (config, counts, inputs, code version) and the report
 (``report.json`` + a readable ``report.md``). The directory is built under a temporary name and renamed into
-place, so a reader never sees half a dataset; ``<hash>`` is the first 16 hex digits of the sha256 of
-``samples.jsonl``, so the same rows always land in the same directory.
+place, so a reader never sees half a dataset; ``<hash>`` is the first 16 hex digits of the sha256 of the rows
+with each image named by its content digest or its place inside the state folder (``dataset_content_hash``), so
+the same rows always land in the same directory, wherever the state folder lies.
 """
 
 from __future__ import annotations
@@ -149,6 +150,28 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _image_identity(path: str, sha256: str | None, state: Path) -> str:
+    """What names an image in the dataset hash: its content digest when known, else its path relative to the
+    state folder when it lies inside (generated data moves with the folder), else its absolute path."""
+    if sha256 is not None:
+        return f"sha256:{sha256}"
+    p = Path(path).resolve()
+    return f"state:{p.relative_to(state).as_posix()}" if p.is_relative_to(state) else f"path:{p}"
+
+
+def dataset_content_hash(kept: list[tuple[DataRow, str | None]], state_dir: Path) -> str:
+    """16 hex digits naming a dataset by its rows, independent of where the state folder lies: the same rows of
+    the same images give the same hash after the folder is moved (``samples.jsonl`` itself keeps real paths)."""
+    state = state_dir.resolve()
+    h = hashlib.sha256()
+    for row, sha in kept:
+        assert row.sample is not None
+        d = row.sample.to_dict()
+        d["image_path"] = _image_identity(d["image_path"], sha, state)
+        h.update((json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
 def write_dataset(
     cfg: MGPOConfig,
     out_root: Path,
@@ -164,8 +187,8 @@ def write_dataset(
     from mgpo_core.config import config_hash
 
     data = "".join(_sample_line(row, sha) for row, sha in kept).encode("utf-8")
-    digest = hashlib.sha256(data).hexdigest()
-    name = digest[:16]
+    digest = hashlib.sha256(data).hexdigest()  # of the file as written (validation checks it)
+    name = dataset_content_hash(kept, Path(cfg.state_dir))
     report = build_report(name, len(kept), drops, inputs, notes, pass_rate, timing)
     manifest = {
         "schema": MANIFEST_SCHEMA,
