@@ -82,6 +82,7 @@ class MetricsSink:
         self.pending_path = self.run_dir / "metrics-pending.jsonl"
         self._warned = False
         self._client = None
+        self._delivered = self._delivered_steps()
         # Limit MLflow's own HTTP retries: an unreachable server must not stall a training step for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -98,6 +99,25 @@ class MetricsSink:
                     continue
         return out
 
+    def _delivered_steps(self) -> set[int]:
+        """Steps of this MLflow run already delivered by an earlier process (journaled and not pending).
+
+        A run resumed from a checkpoint older than its last logged step trains those steps again (with the same
+        values: resume is exact); they are journaled again but not sent twice, so MLflow has one point a step.
+        """
+        if not self.journal.exists():
+            return set()
+        pending = {r.get("step") for r in self._pending()}
+        done: set[int] = set()
+        for line in self.journal.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("run_id", self.run_id) == self.run_id and rec.get("step") not in pending:
+                done.add(int(rec["step"]))
+        return done
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
@@ -105,11 +125,19 @@ class MetricsSink:
             "step": step,
             "ts": int(time.time() * 1000),
             "metrics": {k: float(v) for k, v in metrics.items()},
+            "run_id": self.run_id,
         }
+        redone = step in self._delivered
+        if redone:
+            rec["redone"] = True  # trained again after a resume; MLflow already has this step
         line = json.dumps(rec) + "\n"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.journal.open("a") as f:
             f.write(line)
+        if redone:
+            log.info("step %d was already delivered to MLflow run %s before the resume: not sent again", step,
+                     self.run_id)
+            return
         with self.pending_path.open("a") as f:
             f.write(line)
         self.flush()
