@@ -176,6 +176,9 @@ class DataConfig(_Section):
     """Evaluation manifest; None uses the synthetic evaluation set."""
     root: str | None = None
     """Data root: every image path must resolve inside it (paths escaping it are dropped with a reason)."""
+    image_root: str | None = None
+    """Folder that relative image paths of the raw inputs start from (default: each input file's own folder).
+    MME-RealWorld publishes its images apart from its JSON: `--set data.image_root=/data/mme-realworld/images`."""
     synthetic_train: int = Field(64, ge=0)
     """Number of synthetic training samples generated when `train_path` is None."""
     synthetic_eval: int = Field(32, ge=0)
@@ -511,6 +514,9 @@ class EvaluationConfig(_Section):
     """Data file or folder per benchmark name, e.g. {vstar: /data/vstar_bench, hrbench_8k:
     /data/hr_bench_8k.tsv}; a benchmark missing here reads `data.eval_path` (the synthetic one generates its
     set when both are unset). `mgpo eval --data` overrides it for a single benchmark."""
+    image_roots: dict[str, str] = Field(default_factory=dict)
+    """Folder that a benchmark's relative image paths start from, per benchmark name (default: the data
+    file's folder), e.g. {mme_realworld_lite: /data/mme-realworld-lite/images}; `mgpo eval --image-root`."""
     mode: Literal["mgpo", "direct"] = "mgpo"
     """"mgpo" runs the two-turn grounding episode; "direct" asks for the answer in one turn."""
     limit: PositiveInt | None = None

@@ -287,3 +287,39 @@ def test_the_dataset_hash_does_not_depend_on_where_the_state_folder_lies(tmp_pat
         files.append(result.samples_path.read_text())
     assert names[0] == names[1]
     assert files[0] != files[1] and str(tmp_path / "b") in files[1]
+
+
+def test_mme_realworld_images_published_apart_from_the_json_need_the_image_root_and_say_so(tmp_path):
+    from mgpo_core.evaluation.registry import ReadContext, get_benchmark
+
+    images = tmp_path / "downloads" / "images"
+    (images / "remote_sensing").mkdir(parents=True)
+    Image.new("RGB", (640, 480), (10, 200, 30)).save(images / "remote_sensing" / "0001.png")
+    items = [
+        {
+            "Question_id": "perception/remote_sensing/0001",
+            "Image": "remote_sensing/0001.png",
+            "Text": "What colour dominates?",
+            "Answer choices": ["(A) red", "(B) green"],
+            "Ground truth": "B",
+            "Task": "Perception",
+            "Subtask": "Remote Sensing",
+        }
+    ]
+    js = tmp_path / "json" / "MME_RealWorld_Lite.json"
+    js.parent.mkdir()
+    js.write_text(json.dumps(items))
+    # Filter stage: without the image root every row is dropped, and the reason says how to set it.
+    result = run_filter_stage(_cfg(tmp_path), [js], tmp_path / "out", progress=False)
+    assert result.report["counts"]["kept"] == 0
+    dropped = [json.loads(x) for x in (result.dataset_dir / "dropped.jsonl").read_text().splitlines()]
+    assert dropped[0]["reason"] == "image_missing" and "--set data.image_root=" in dropped[0]["detail"]
+    cfg = _cfg(tmp_path, f"data.image_root={images}")
+    assert run_filter_stage(cfg, [js], tmp_path / "out", progress=False).report["counts"]["kept"] == 1
+    # Evaluation reader: a clear error naming the option, then the samples once it is set.
+    bench = get_benchmark("mme_realworld_lite")
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.image_roots\.mme_realworld_lite="):
+        bench.read(ReadContext(js, tmp_path / "work", _cfg(tmp_path)))
+    cfg = _cfg(tmp_path, f"evaluation.image_roots={{mme_realworld_lite: {images}}}")
+    (s,) = bench.read(ReadContext(js, tmp_path / "work", cfg))
+    assert s.image_path == str(images / "remote_sensing" / "0001.png")

@@ -71,6 +71,26 @@ def _as_spec(item: InputSpec | str | Path) -> InputSpec:
     return item if isinstance(item, InputSpec) else InputSpec(item)
 
 
+IMAGE_ROOT_HINT = (
+    "MME-RealWorld publishes its images apart from its JSON: point relative image paths at the image folder "
+    "with --set data.image_root=/path/to/images (evaluation: --set evaluation.image_roots.<benchmark>=DIR or "
+    "`mgpo eval --image-root DIR`)"
+)
+
+
+def _hint_image_root(drops: list[DataRow], start: int, fmt: str, base: Path) -> None:
+    """Missing images of an MME-RealWorld input: the drop says where they were looked for and how to fix it."""
+    if fmt != "mme-realworld":
+        return
+    missing = 0
+    for i in range(start, len(drops)):
+        if drops[i].reason == "image_missing":
+            drops[i] = replace(drops[i], detail=f"{drops[i].detail} (looked under {base}); {IMAGE_ROOT_HINT}")
+            missing += 1
+    if missing:
+        log.warning("%d MME-RealWorld images not found under %s; %s", missing, base, IMAGE_ROOT_HINT)
+
+
 def _default_root(spec: InputSpec) -> Path:
     p = Path(spec.path)
     return (p if p.is_dir() else p.parent).resolve()
@@ -109,13 +129,16 @@ def run_filter_stage(
                 cache,
                 limits,
                 shuffle_seed=cfg.data.shuffle_seed,
-                image_base=Path(spec.image_base) if spec.image_base else None,
+                image_base=Path(spec.image_base or cfg.data.image_root) if (spec.image_base or cfg.data.image_root) else None,
             )
             roots = [user_root or _default_root(spec), cache.root]
-            before = run.rows
+            if ctx.image_base is not None and user_root is None:  # images published apart from the file
+                roots.append(ctx.image_base.resolve())
+            before, drops_before = run.rows, len(run.drops)
             for chunk in _chunks(read_rows(spec.path, fmt, ctx=ctx), CHUNK_ROWS):
                 run.check_chunk(chunk, roots, pool)
                 bar.update(len(chunk))
+            _hint_image_root(run.drops, drops_before, fmt, ctx.image_base or Path(spec.path).parent)
             per_input.append(
                 {"path": str(Path(spec.path).resolve()), "format": fmt, "rows": run.rows - before}
             )

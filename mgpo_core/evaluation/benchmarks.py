@@ -43,7 +43,7 @@ def _need_path(ctx: ReadContext, name: str, hint: str) -> Path:
     return ctx.path
 
 
-def read_with_data_readers(ctx: ReadContext, fmt: str) -> list[Sample]:
+def read_with_data_readers(ctx: ReadContext, fmt: str, image_base: str | None = None) -> list[Sample]:
     """Samples of ``ctx.path`` through the dataset readers (`mgpo_core.data.readers.read_rows`).
 
     Rows the readers drop (unreadable image, bad answer letter, ...) are logged with their reason and left
@@ -65,6 +65,7 @@ def read_with_data_readers(ctx: ReadContext, fmt: str) -> list[Sample]:
         # The first V* option is always the right one: the reader shuffles them with this seed (METHOD.md §5).
         shuffle_seed=cfg.data.shuffle_seed,
         shuffle_options=True,
+        image_base=Path(image_base) if image_base else None,
     )
     samples, drops = [], Counter()
     for row in read_rows(ctx.path, fmt, ctx=rows_ctx):
@@ -126,7 +127,19 @@ MME_HINT = (
 
 def _read_mme(ctx: ReadContext, name: str) -> list[Sample]:
     _need_path(ctx, name, MME_HINT)
-    return read_with_data_readers(ctx, "mme-realworld")
+    root = ctx.cfg.evaluation.image_roots.get(name)
+    samples = read_with_data_readers(ctx, "mme-realworld", image_base=root)
+    missing = [s.image_path for s in samples if not Path(s.image_path).exists()]
+    if samples and missing:
+        assert ctx.path is not None
+        base = root or ctx.path.parent
+        raise FileNotFoundError(
+            f"benchmark {name!r}: {len(missing)} of {len(samples)} images do not exist under {base} "
+            f"(e.g. {missing[0]}). MME-RealWorld publishes its images apart from its JSON: point the reader at "
+            f"the image folder with --set evaluation.image_roots.{name}=/path/to/images "
+            "(or `mgpo eval --image-root /path/to/images`)"
+        )
+    return samples
 
 
 def _mme_labels(sample: Sample) -> Mapping[str, str]:

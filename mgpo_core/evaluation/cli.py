@@ -101,6 +101,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.image_root is not None:
+        if len(names) != 1:
+            print(
+                f"mgpo eval: --image-root names one image folder but {len(names)} benchmarks run ({names}); "
+                "pass one --benchmark with it, or set evaluation.image_roots.<benchmark>",
+                file=sys.stderr,
+            )
+            return 2
+        cfg.evaluation.image_roots[names[0]] = args.image_root
     try:
         specs = [get_benchmark(n) for n in names]
     except KeyError as exc:
@@ -195,6 +204,13 @@ def register(subparsers: Any) -> None:
         help="the benchmark's data file or folder "
         "(default evaluation.data_paths[NAME], then data.eval_path; synthetic generates its set when none "
         "is given)",
+    )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="folder the benchmark's relative image paths start from (default evaluation.image_roots[NAME], "
+        "then the data file's folder); MME-RealWorld's images are published apart from its JSON",
     )
     p.add_argument(
         "--mode",
