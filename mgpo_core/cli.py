@@ -18,6 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 STAGE_CLIS = (
     "mgpo_core.data.cli",
+    "mgpo_core.modeling.cli",
     "mgpo_core.training.cli",
     "mgpo_core.evaluation.cli",
     "flows.cli",

@@ -498,3 +498,30 @@ def skill_report(
         else:
             report["name/accuracy"] = sum(t.strip() == it.reply for t, it in zip(texts, items, strict=True)) / scenes
     return report
+
+
+def export_shipped(src: str | Path, dst: str | Path) -> Path:
+    """Copy a built base model to ``dst`` with bfloat16 weights (half the bytes in git) and record its skills.
+
+    The skills in the copy's manifest are measured on the copy itself (the weights users load), so the skill
+    floor test and the docs describe exactly what ships.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    weights = tmp / "model.safetensors"
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    note = json.loads((tmp / MANIFEST).read_text())
+    note["shipped_dtype"] = "bfloat16"
+    note["skills"] = skill_report(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(note, indent=2, sort_keys=True, default=str) + "\n")
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst

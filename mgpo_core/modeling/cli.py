@@ -1,0 +1,54 @@
+"""``mgpo build-base``: pre-train the tiny base model (or reuse the cached/shipped one) and report its skills."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+def cmd_build_base(args: argparse.Namespace) -> int:
+    from mgpo_core.cli import load_from_args
+    from mgpo_core.modeling import base
+
+    cfg = load_from_args(args)
+    seed = cfg.model.tiny_seed if args.seed is None else args.seed
+    t0 = time.perf_counter()
+    if args.ship:
+        target = base.SHIPPED_DIR / f"tiny-base-seed{seed}"
+        out = base.base_model_dir(Path(cfg.state_dir) / "models", seed, progress=not args.no_progress)
+        if target.exists():
+            shutil.rmtree(target)
+        base.export_shipped(out, target)
+        out = target
+    elif args.out:
+        out = base.pretrain_base(args.out, seed=seed, progress=not args.no_progress)
+    else:
+        out = base.base_model_for(Path(cfg.state_dir) / "models", seed, progress=not args.no_progress)
+    took = time.perf_counter() - t0
+    note = json.loads((out / base.MANIFEST).read_text())
+    print(f"base model {out}")
+    print(f"  built in {note['build_seconds']:.0f} s ({note['parameters'] / 1e6:.2f} M parameters); this call {took:.0f} s")
+    if args.skills or args.ship:
+        skills = note.get("skills") or base.skill_report(out)
+        for k, v in sorted(skills.items()):
+            print(f"  {k:28s} {v:.3f}")
+    return 0
+
+
+def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    from mgpo_core.cli import add_config_args
+
+    p = sub.add_parser(
+        "build-base",
+        help="pre-train the tiny base model (synthetic grounding + reading; cached, or the shipped one)",
+    )
+    add_config_args(p)
+    p.add_argument("--seed", type=int, default=None, help="default: model.tiny_seed")
+    p.add_argument("--out", default=None, help="build into this empty directory instead of the cache")
+    p.add_argument("--ship", action="store_true", help="build and write the shipped copy into the package")
+    p.add_argument("--skills", action="store_true", help="measure and print the skills (HF engine, greedy)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_build_base)
