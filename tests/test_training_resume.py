@@ -233,6 +233,8 @@ def test_mlflow_run_has_every_step_and_the_design_metrics(reference_run, state_d
         "optim/grad_norm",
         "optim/lr",
         "rollout/logprob_gap",
+        "collapse/valid_box_ratio_drop",
+        "collapse/alarm",
         "timing/rollout_s",
         "timing/old_ref_logprobs_s",
         "timing/update_s",

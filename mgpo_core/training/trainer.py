@@ -29,6 +29,7 @@ from mgpo_core.logprobs import collate_episodes, token_logprobs
 from mgpo_core.modeling.loading import load_bundle, load_model, resolve_model_path
 from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_engine_name
 from mgpo_core.training import checkpoint as ckpt
+from mgpo_core.training.collapse import CollapseMonitor
 from mgpo_core.training.ds_config import build_ds_config
 from mgpo_core.training.metrics import logprob_gap, rollout_metrics
 from mgpo_core.training.rewards import get_reward
@@ -427,6 +428,7 @@ class MGPOTrainer:
         if self.step > 0 and getattr(self.rollout, "model", None) is not self.policy:
             self._sync_rollout_weights()  # a separate engine starts from the base weights: push the resumed ones
         self.sink: MetricsSink | None = None
+        self.collapse = CollapseMonitor.from_journal(self.run_dir / "metrics.jsonl", self.step)
         if self.is_main:
             self.mlflow_run_id = self._attach_run()
             self.sink = MetricsSink(self.uri, self.mlflow_run_id, self.run_dir)
@@ -503,6 +505,7 @@ class MGPOTrainer:
                 timing_ckpt = time.perf_counter() - tc
             last["timing/checkpoint_s"] = timing_ckpt
             last["timing/step_s"] = time.perf_counter() - t0
+            last.update(self.collapse.update(last))  # collapse/* signals (mgpo_core/training/collapse.py)
             if self.sink is not None:
                 self.sink.log(last, self.step)
             if bar is not None:
