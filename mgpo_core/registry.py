@@ -175,6 +175,13 @@ def promote_if_better(
                                  f"version {version} has no '{metric}' score: evaluate it first")
     if champ_version == str(version):
         return PromotionDecision(True, version, champ_version, metric, new_score, champ_score, "already champion")
+    if champ is not None and champ_score is not None:
+        why_not = _not_comparable(new.tags, champ.tags, metric)
+        if why_not:
+            return PromotionDecision(False, version, champ_version, metric, new_score, champ_score,
+                                     f"not compared with champion v{champ_version}: {why_not}; re-evaluate it "
+                                     f"with the same settings (`mgpo eval --model-name {model_name} "
+                                     f"--model-version {champ_version} ...`) or move the alias by hand")
     if champ is None or champ_score is None or new_score > champ_score + min_improvement:
         client.set_registered_model_alias(model_name, CHAMPION, version)
         why = "no champion yet" if champ is None else f"{new_score:.4f} > {champ_score or 0:.4f} + {min_improvement}"
@@ -182,6 +189,16 @@ def promote_if_better(
     return PromotionDecision(False, version, champ_version, metric, new_score, champ_score,
                              f"{new_score:.4f} does not beat champion v{champ_version} ({champ_score:.4f}) "
                              f"by more than {min_improvement}")
+
+
+def _not_comparable(new: dict[str, str], champ: dict[str, str], metric: str) -> str | None:
+    """Why two versions' ``metric`` scores are not like with like (other questions), or None."""
+    prefix = metric.rsplit("/", 1)[0]
+    for tag, what in ((f"mgpo.question_set:{prefix}", "question set"), (f"mgpo.questions:{prefix}", "number of questions")):
+        a, b = new.get(tag), champ.get(tag)
+        if a is not None and b is not None and a != b:
+            return f"its {metric} was scored on another {what} ({b} vs {a} now)"
+    return None
 
 
 def _score(tags: dict[str, str], metric: str) -> float | None:

@@ -57,6 +57,16 @@ def test_champion_moves_only_when_the_new_version_wins(tiny_dir, store, tmp_path
     assert not promote_if_better(store, "m", c.version, metric, min_improvement=0.05).promoted
     assert promote_if_better(store, "m", c.version, metric).promoted
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == c.version
+    # Like with like: a version scored on another question set (another limit, other data) is not compared.
+    client.set_model_version_tag("m", c.version, "mgpo.question_set:eval/synthetic", "q-four")
+    d_ = register_checkpoint(_copy_with_change(tiny_dir, tmp_path / "d", 3), tracking_uri=store, model_name="m",
+                             experiment="e", tags={})
+    tag_scores(store, "m", d_.version, {metric: 0.90})
+    client.set_model_version_tag("m", d_.version, "mgpo.question_set:eval/synthetic", "q-eight")
+    d = promote_if_better(store, "m", d_.version, metric)
+    assert not d.promoted and "another question set" in d.reason and "mgpo eval" in d.reason
+    client.set_model_version_tag("m", c.version, "mgpo.question_set:eval/synthetic", "q-eight")  # re-scored alike
+    assert promote_if_better(store, "m", d_.version, metric).promoted
 
 
 def test_registered_model_loads_and_answers(tiny_dir, store, synthetic_samples):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
@@ -31,6 +32,24 @@ def _model_version(client: MlflowClient, name: str, version: str | int) -> Model
             f"registered model {name!r} has no version {version!r} in {client.tracking_uri} ({exc.message}); "
             "pass the name and version of an existing model version (see the MLflow UI's Models page)"
         ) from None
+
+
+def question_set_digest(records_path: Path | None) -> str | None:
+    """Digest of the questions an evaluation scored (id, question, choices, answer of every record): two scores
+    are comparable only when this matches (same benchmark data, same subsample/limit)."""
+    import hashlib
+    import json
+
+    if records_path is None or not Path(records_path).is_file():
+        return None
+    items = []
+    for line in Path(records_path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        items.append([r.get("id"), r.get("question"), r.get("choices"), r.get("answer")])
+    return hashlib.sha256(json.dumps(sorted(items, key=str)).encode()).hexdigest()[:16]
 
 
 def log_eval_results(
@@ -98,6 +117,11 @@ def log_eval_results(
             for m in metrics:
                 client.set_model_version_tag(model_name, str(model_version), m.key, repr(m.value))
             client.set_model_version_tag(model_name, str(model_version), "eval/run_id", run_id)
+            for r in results:  # what the scores rest on: promotion compares only like with like
+                client.set_model_version_tag(model_name, str(model_version), f"mgpo.questions:{r.prefix}", str(r.n))
+                qs = question_set_digest(r.records_path)
+                if qs:
+                    client.set_model_version_tag(model_name, str(model_version), f"mgpo.question_set:{r.prefix}", qs)
     except Exception:
         if created:
             client.set_terminated(run_id, status="FAILED")
