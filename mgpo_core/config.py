@@ -483,6 +483,10 @@ class CheckpointConfig(_Section):
     """Checkpoints kept on disk; older ones are deleted."""
     export_hf: bool = True
     """Also export the final policy as a Hugging Face directory (what gets registered in MLflow)."""
+    select_every: int = Field(0, ge=0)
+    """Checkpoint selection: keep every k-th checkpoint, and after training evaluate each (and the last) on the
+    configured benchmarks (greedy, `evaluation.limit`), log `select/<promotion metric>` per step to the training
+    run, and register the best one (its step is in the lineage tags). 0 = off: the last checkpoint is registered."""
 
 
 class TrackingConfig(_Section):

@@ -90,7 +90,10 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa:
         if "preset" in params and "overrides" in params:
             cfg_obj = load_cfg(params.pop("preset"), params.pop("overrides"))
             cfg = cfg_obj.model_dump(mode="json")
-            for k in ("tracking", "run_name", "preset", "state_dir", *ignore_sections):
+            ignored = ignore_sections
+            if stage == "train" and cfg_obj.checkpoint.select_every:  # selection evaluates: its settings count
+                ignored = tuple(x for x in ignore_sections if x != "evaluation")
+            for k in ("tracking", "run_name", "preset", "state_dir", *ignored):
                 cfg.pop(k, None)
             params["config"] = cfg
             params["stores"] = {

@@ -208,6 +208,12 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
     )
     manifest["run_dir"] = str(run_dir)
     manifest["dataset_hash"] = dataset["dataset_hash"]
+    manifest["selected_step"] = manifest.get("steps_done")
+    if cfg.checkpoint.select_every and manifest.get("hf_export"):
+        sel = _select_checkpoint(cfg, run_dir, manifest, dataset.get("eval_path"))
+        manifest.update(hf_export=str(sel.best_dir), selected_step=sel.best_step,
+                        selection={str(k): v for k, v in sel.curve.items()})  # fmt: skip
+        progress(f"train     selected the checkpoint of step {sel.best_step}: {sel.metric} = {sel.curve[sel.best_step]:.4f}")
     if manifest.get("hf_export"):
         from mgpo_core.registry import checkpoint_digest
         from tasks.validate import tree_fingerprint
@@ -215,6 +221,40 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
         manifest["hf_export_digest"] = checkpoint_digest(manifest["hf_export"])
         manifest["hf_export_fingerprint"] = tree_fingerprint(manifest["hf_export"])
     return manifest
+
+
+def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None):  # noqa: ANN001, ANN202
+    """Evaluate every ``checkpoint.select_every``-th checkpoint greedily on the configured benchmarks, log the
+    curve to the training run, return the best (``mgpo_core.training.select``)."""
+    from mlflow.tracking import MlflowClient
+
+    from mgpo_core.evaluation.runner import evaluate
+    from mgpo_core.modeling.loading import model_dir_for
+    from mgpo_core.training.select import select_checkpoint
+
+    def evaluate_dir(hf_dir: Path, out: Path) -> dict[str, float]:
+        engine = make_engine(cfg, str(hf_dir))
+        metrics: dict[str, float] = {}
+        try:
+            for bench in cfg.evaluation.benchmarks:
+                data_path = cfg.evaluation.data_paths.get(bench) or (eval_path if bench == "synthetic" else None)
+                res = evaluate(cfg, bench, engine, out / bench, limit=cfg.evaluation.limit, mode=cfg.evaluation.mode,
+                               data_path=data_path, progress=False)  # fmt: skip
+                metrics.update(res.prefixed())
+        finally:
+            engine.close()
+        return metrics
+
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = manifest.get("mlflow_run_id")
+
+    def log_point(key: str, value: float, step: int) -> None:
+        progress(f"train     checkpoint of step {step}: {key.removeprefix('select/')} = {value:.4f}")
+        if run_id:
+            client.log_metric(run_id, key, value, step=step)
+
+    return select_checkpoint(cfg, run_dir, Path(manifest["hf_export"]), base_dir=model_dir_for(cfg),
+                             evaluate_dir=evaluate_dir, log_point=log_point)  # fmt: skip
 
 
 def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
@@ -258,6 +298,7 @@ def register_task(
             "mgpo.dataset_hash": train["dataset_hash"],
             "mgpo.train_run_id": train.get("mlflow_run_id") or "",
             "mgpo.base_model": cfg.model.path or f"tiny-{cfg.model.tiny}-seed{cfg.model.tiny_seed}",
+            "mgpo.checkpoint_step": str(train.get("selected_step") or train.get("steps_done") or ""),
         },
         parent_run_id=parent_run_id,
     )

@@ -280,3 +280,49 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_checkpoint_selection_evaluates_every_kth_checkpoint_logs_the_curve_and_picks_the_best(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mgpo_core.modeling.loading import load_model
+    from mgpo_core.training.launch import launch_training
+    from tasks.stages import _select_checkpoint
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sel")).info.run_id
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            *SMALL,
+            f"state_dir={tmp_path}",
+            f"tracking.mlflow_tracking_uri={uri}",
+            "algorithm.total_steps=3",
+            "algorithm.prompts_per_step=2",
+            "algorithm.mini_batch_prompts=2",
+            "algorithm.micro_batch_size=4",
+            "rollout.n=2",
+            "rollout.max_new_tokens_turn1=4",
+            "rollout.max_new_tokens_turn2=2",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=1",
+            "checkpoint.select_every=2",
+            "evaluation.limit=2",
+            "evaluation.max_new_tokens=4",
+        ],
+    )
+    run_dir = tmp_path / "run"
+    manifest = launch_training(cfg, run_dir, mlflow_run_id=run_id)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert kept == ["step-000002", "step-000003"], "every 2nd checkpoint survives keep_last=1"
+    sel = _select_checkpoint(cfg, run_dir, manifest, None)
+    assert sorted(sel.curve) == [2, 3] and sel.best_step == max(sel.curve, key=lambda s: (sel.curve[s], s))
+    hist = client.get_metric_history(run_id, "select/eval/synthetic/overall")
+    assert sorted(h.step for h in hist) == [2, 3], "the curve is on the training run"
+    exported = load_model(run_dir / "selection" / "step-000002")  # the converted DeepSpeed checkpoint loads
+    final = load_model(run_dir / "hf_export")
+    differs = [n for (n, a), (_, b) in zip(exported.named_parameters(), final.named_parameters(), strict=True)
+               if not torch.equal(a, b)]  # fmt: skip
+    assert differs, "step 2's weights are not the final ones"
+    assert json.loads((run_dir / "selection.json").read_text())["best_step"] == sel.best_step

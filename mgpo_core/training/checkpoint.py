@@ -86,7 +86,14 @@ def clean_partial(ckpt_root: str | Path) -> None:
 
 
 def save_checkpoint(
-    engine, ckpt_root: str | Path, step: int, trainer_state: dict[str, Any], *, rank: int, keep_last: int
+    engine,
+    ckpt_root: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    *,
+    rank: int,
+    keep_last: int,
+    keep_every: int = 0,
 ) -> Path:
     """Write checkpoint ``step`` atomically (all ranks call this); returns its final path."""
     root = Path(ckpt_root)
@@ -109,17 +116,20 @@ def save_checkpoint(
         os.replace(root / tmp_tag, final)
         fault_point("checkpoint-renamed", step)
         _atomic_write_text(root / LATEST, tag + "\n")
-        prune(root, keep_last)
+        prune(root, keep_last, keep_every)
     _barrier()
     fault_point("checkpoint-done", step)
     return final
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints (never the one ``latest`` names)."""
+def prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints (never the one ``latest`` names), and every checkpoint
+    whose step is a multiple of ``keep_every`` (> 0: candidates of checkpoint selection)."""
     current = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for p in steps[: max(0, len(steps) - keep_last)]:
+        if keep_every and int(p.name.split("-")[1]) % keep_every == 0:
+            continue
         if p.name != current:
             shutil.rmtree(p, ignore_errors=True)
 

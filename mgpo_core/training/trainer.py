@@ -672,6 +672,7 @@ class MGPOTrainer:
             self.trainer_state(),
             rank=self.dist.rank,
             keep_last=self.cfg.checkpoint.keep_last,
+            keep_every=self.cfg.checkpoint.select_every,  # candidates of checkpoint selection (select.py)
         )
 
     def export(self) -> Path | None:
