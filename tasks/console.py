@@ -158,6 +158,18 @@ def progress(text: str) -> None:
         logging.getLogger("mgpo").info(text)
 
 
+def notice(text: str) -> None:
+    """Like :func:`progress`, at warning level (e.g. a cached result found stale)."""
+    if _ACTIVE is not None:
+        _ACTIVE.say(f"  note      {text}")
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(text)
+    except Exception:  # noqa: BLE001
+        logging.getLogger("mgpo").warning(text)
+
+
 def failure_paragraph(console: Console, exc: BaseException, rerun: str) -> str:
     """Which stage, what went wrong (one line), where the log is, how to rerun."""
     stage = console.failed_stage or "pipeline"

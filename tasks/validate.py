@@ -207,11 +207,7 @@ def validated_key(stage: str, base_key: str, cfg: MGPOConfig, task_ctx: Any) -> 
 
 
 def _log(msg: str) -> None:
-    try:
-        from prefect.logging import get_run_logger
+    """On the console under ``mgpo run`` (a user wants to know why a stage runs again) and in the log."""
+    from tasks.console import notice
 
-        get_run_logger().warning(msg)
-    except Exception:  # noqa: BLE001
-        import logging
-
-        logging.getLogger("mgpo.cache").warning(msg)
+    notice(msg)
