@@ -198,6 +198,8 @@ def servers(tmp_path_factory):
         up = mgpo(
             "servers", "up", "--state-dir", str(state),
             "--prefect-port", str(ports["prefect"]), "--mlflow-port", str(ports["mlflow"]),
+            "--timeout", "300",  # a loaded 2-core CI machine has needed more than the default 120 s
+            timeout=400,
         )  # fmt: skip
         pids += [r.pid for r in read_records(state).values()]
         assert up.returncode == 0, f"mgpo servers up failed:\n{up.stdout}\n{up.stderr}"
