@@ -136,7 +136,7 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
 def _mgpo(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
     return subprocess.run(
-        [sys.executable, "-m", "mgpo_core.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mgpo_core.cli", *args], env=env, capture_output=True, text=True, timeout=400
     )
 
 
@@ -151,7 +151,7 @@ def test_day_two_servers_up_then_rerun_deleted_version_and_moved_state(clean_run
     before = executions(state)
     ports = [str(free_port()), str(free_port())]
     up = _mgpo("servers", "up", "--state-dir", str(state), "--prefect-port", ports[0], "--mlflow-port", ports[1],
-               "--timeout", "240")  # fmt: skip
+               "--timeout", "300")  # fmt: skip
     pids = [r.pid for r in read_records(state).values()]
     try:
         assert up.returncode == 0, up.stdout + up.stderr
