@@ -21,9 +21,9 @@ def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
         "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
     )  # its telemetry row races SQLite at start
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    # The ephemeral API starts a local server; on a busy 2-core machine the default 20 s is not always enough.
+    # The ephemeral API starts a local server; on a busy 2-core machine the default 20 s (even 120 s) is not enough.
     os.environ.setdefault(
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300"
     )  # keep the pipeline's log about the pipeline
     try:
         from mgpo_core.servers import active_endpoints, apply_prefect_env
