@@ -242,7 +242,7 @@ def _probe(model: Any, encoder: ItemEncoder, probe_sets: dict[str, list[dict[str
             loss, exact = reply_loss(model, batch)
             zloss, _ = reply_loss(model, batch, zero_pixels=True)
             metrics[f"{task}/exact"] = float(exact.float().mean())
-            metrics[f"{task}/loss"] = float(loss)
+            metrics[f"{task}/loss"] = loss.item()
             metrics[f"{task}/pixel_gap"] = float(zloss - loss)
     model.train()
     return metrics
@@ -342,12 +342,12 @@ def pretrain_base(
                 opt.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix(stage=stage.name, loss=f"{float(loss):.3f}")
+                bar.set_postfix(stage=stage.name, loss=f"{loss.item():.3f}")
                 if step % 50 == 0 or k == stage.steps - 1:
                     m = _probe(model, encoder, probe_sets, special)
-                    history.append({"step": step, "stage": stage.name, "train_loss": float(loss), **m})
+                    history.append({"step": step, "stage": stage.name, "train_loss": loss.item(), **m})
                     log(
-                        f"build-base: step {step} [{stage.name}] loss {float(loss):.3f} | "
+                        f"build-base: step {step} [{stage.name}] loss {loss.item():.3f} | "
                         + " ".join(f"{t} {m[f'{t}/exact']:.2f} (gap {m[f'{t}/pixel_gap']:.2f})" for t in probe_sets)
                     )
             if snap is not None:

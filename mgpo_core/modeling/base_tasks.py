@@ -12,11 +12,11 @@ Tasks (each item is one single-turn conversation; only the reply is trained):
 - ``name``: a close-up of the tag (mostly a tight crop) + "what colour is the mark?" -> the colour word (the
   first thing the vision path learns; staged first because mixed tasks starve it of gradient);
 - ``read``: a close-up crop of the tag (cut and enlarged by the very functions the rollout uses) + a question with
-  lettered options -> ``\\boxed{X}``;
+  lettered options -> the colour seen, then ``\\boxed{X}`` (e.g. ``red \\boxed{C}``);
 - ``locate``: the overview (resized exactly as the rollout resizes it) + a request to box the small white tag ->
   a fenced ``bbox_2d`` JSON list, coordinates snapped to the 28-px token grid;
-- ``read2``: the overview and a close-up as two images + a question with options -> ``\\boxed{X}`` (the model
-  learns to read the answer off the second picture when it shows the tag);
+- ``read2``: the overview and a close-up as two images + a question with options -> ``red \\boxed{C}`` (the
+  model learns to read the answer off the second picture when it shows the tag);
 - ``guess``: the overview twice (no close-up) + a question with options -> the right letter, which cannot be seen:
   the model learns that without a close-up it can only guess.
 """
@@ -231,7 +231,10 @@ def make_item(task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, l
         crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
         return PretrainItem(task, system, [crop], rng.choice(_NAME_REQUESTS), scene.value)
     text, letter = _question_block(rng, scene.value)
-    reply = f"\\boxed{{{letter}}}"
+    # Name what is seen, then pick the option: the letter is then a copy from the options (a step a tiny LM
+    # learns fast) instead of a colour-to-letter mapping it must do in one token.
+    reply = f"{scene.value} \\boxed{{{letter}}}"
+    guess = f"\\boxed{{{letter}}}"
     if task == "read":
         return PretrainItem(task, system, [_close_up(scene, rng, spec)], text, reply, answer=letter)
     if task == "read2":
@@ -240,5 +243,5 @@ def make_item(task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, l
         return PretrainItem(task, system, images, f"{lead}\n{text}", reply, answer=letter)
     if task == "guess":
         lead = rng.choice(_TWO_IMAGE_LEADS)
-        return PretrainItem(task, system, [scene.overview, scene.overview], f"{lead}\n{text}", reply, answer=letter)
+        return PretrainItem(task, system, [scene.overview, scene.overview], f"{lead}\n{text}", guess, answer=letter)
     raise ValueError(f"unknown pre-training task {task!r}; use one of {TASKS}")

@@ -1,0 +1,97 @@
+"""The tiny base model: its pre-training never sees MGPO's conversation, its recipe still trains, and the shipped
+weights are the current recipe's and meet their skill floor (docs/REPRODUCTION.md states the numbers)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from mgpo_core.config import load_config
+from mgpo_core.grounding import GroundingOptions, parse_grounding_box
+from mgpo_core.modeling import base, base_tasks
+from mgpo_core.modeling.base_tasks import GRID, SceneSpec, grid_box, make_item, make_scene
+
+SPEC = SceneSpec()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _mgpo_texts() -> list[str]:
+    texts = []
+    for preset in ("tiny-cpu", "tiny-base-cpu"):
+        r = load_config(preset).rollout
+        texts += [r.system_prompt, r.turn1_template, r.turn2_valid_template, r.turn2_fallback_template]
+    return texts
+
+
+def test_pretraining_texts_share_no_five_word_phrase_with_the_mgpo_prompts():
+    rng = random.Random(0)
+    scenes = [make_scene(f"t:{i}", SPEC) for i in range(6)]
+    seen = []
+    for task in base_tasks.TASKS:
+        for sc in scenes:
+            for _ in range(8):
+                it = make_item(task, sc, rng, SPEC, long_system=True)
+                seen.append(" ".join(_words(f"{it.system} {it.user_text} {it.reply}")))
+    corpus = "\n".join(seen)
+    phrases = set()
+    for text in _mgpo_texts():
+        w = _words(text.replace("{question}", "").replace("{choices}", ""))
+        phrases |= {" ".join(w[i : i + 5]) for i in range(len(w) - 4)}
+    leaked = sorted(p for p in phrases if p in corpus)
+    assert not leaked, f"pre-training reuses MGPO's prompt wording: {leaked[:5]}"
+
+
+def test_grid_boxes_cover_the_tag_on_the_token_grid_and_are_always_valid():
+    rng = random.Random(1)
+    for _ in range(300):
+        w, h = rng.choice([(252, 196), (224, 224), (140, 84)])
+        bw, bh = rng.uniform(2, 40), rng.uniform(2, 40)
+        x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        box = grid_box((x, y, x + bw, y + bh), w, h)
+        assert all(v % GRID == 0 for v in box)
+        assert box[0] <= x and box[1] <= y and x + bw <= box[2] and y + bh <= box[3]
+        reply = base_tasks.box_reply(box)
+        g = parse_grounding_box(reply, w, h, GroundingOptions())
+        assert g.valid, (box, g.reason)
+
+
+def test_items_are_the_same_for_the_same_seed_and_differ_for_another():
+    def draw(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        sc = make_scene("t:0", SPEC)
+        return [make_item(t, sc, rng, SPEC, long_system=True).user_text for t in base_tasks.TASKS]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+@pytest.mark.slow
+def test_a_shortened_build_still_learns_and_loads_through_the_stock_loader(tmp_path):
+    recipe = base.BaseRecipe(
+        scene=SceneSpec(mark_fraction=0.7),  # the probes use the stage's big marks
+        stages=(
+            base.Stage("colour", 40, {"name": 1.0}, marks=(0.7,)),
+            base.Stage("mixed", 4, {"read": 0.5, "locate": 0.5}, long_system=True, marks=(0.7,)),
+        ),
+        batch_size=16,
+        scenes=48,
+        mark_levels=(0.7,),
+    )
+    lines: list[str] = []
+    out = base.pretrain_base(tmp_path / "base", recipe=recipe, progress=False, log=lines.append)
+    note = json.loads((out / base.MANIFEST).read_text())
+    assert note["recipe_digest"] == recipe.digest() and note["builder_version"] == base.BASE_BUILDER_VERSION
+    colour = next(h for h in note["history"] if h["stage"] == "colour" and h["step"] == 40)
+    assert note["history"][-1]["step"] == 44
+    # the vision path learnt: with zeroed pixels the colour-naming loss is clearly worse than with the image
+    assert colour["name/pixel_gap"] > 0.1, colour
+    from mgpo_core.modeling.loading import load_bundle
+
+    bundle = load_bundle(out)
+    assert sum(p.numel() for p in bundle.model.parameters()) == note["parameters"]
