@@ -71,12 +71,9 @@ def direct_prompt_ids(
 
     ``<|im_start|>system…<|im_end|>\\n<|im_start|>user\\n<image>…<|im_end|>\\n<|im_start|>assistant\\n``
     """
-    b, s = engine.prompts, engine.special
-    nl = b.text_ids("\n")
-    system = [s.im_start, *b.text_ids("system\n"), *b.text_ids(prompt.system_prompt), s.im_end, *nl]
-    body = b.image_ids(image_tokens) + b.text_ids(prompt.user_text(sample))
-    user = [s.im_start, *b.text_ids("user\n"), *body, s.im_end, *nl]
-    return system + user + b.assistant_header()
+    from mgpo_core.rollout.single_turn import single_turn_prompt
+
+    return single_turn_prompt(engine, prompt.system_prompt, prompt.user_text(sample), image_tokens)
 
 
 def generate_direct(

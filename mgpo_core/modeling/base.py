@@ -266,7 +266,7 @@ def pretrain_base(
     """
     import torch
     from tqdm import tqdm
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from mgpo_core.modeling.loading import load_image_processor, special_tokens_from
 
@@ -356,12 +356,7 @@ def pretrain_base(
         bar.close()
 
     model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = tiny.greedy_generation_config(config)
     model.save_pretrained(out, safe_serialization=True)
     manifest = {
         "builder": "mgpo_core.modeling.base",

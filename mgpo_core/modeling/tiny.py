@@ -246,13 +246,25 @@ def model_config(
     )
 
 
+def greedy_generation_config(config: Any) -> Any:
+    """The ``generation_config.json`` our checkpoints ship: Qwen's bos/eos/pad ids, greedy by default."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+    )
+
+
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the tiny checkpoint to ``out_dir`` (created) and return it as a Path.
 
     Raises FileExistsError when ``out_dir`` is a non-empty directory and ``overwrite`` is False.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -270,12 +282,7 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, overwrite: bool = Fa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     for name, content in processor_files().items():
