@@ -89,7 +89,7 @@ def _model(layers: int):  # noqa: ANN202
     return model
 
 
-def _episode(length: int, model):  # noqa: ANN001, ANN202
+def _episode(length: int, model, image_tokens: int = IMAGE_TOKENS):  # noqa: ANN001, ANN202
     """One two-turn episode of ``length`` tokens as an ``EpisodeBatch``; responses are ~10 % of it."""
     import torch
 
@@ -98,8 +98,10 @@ def _episode(length: int, model):  # noqa: ANN001, ANN202
     g = torch.Generator().manual_seed(length)
     resp = length // 10
     r1, r2 = resp // 4, resp - resp // 4
-    side = int(IMAGE_TOKENS**0.5) * 2  # patches per side (merge 2)
-    image = [VISION_START] + [IMAGE_PAD] * IMAGE_TOKENS + [VISION_END]
+    per_side = int(image_tokens**0.5)
+    image_tokens = per_side * per_side
+    side = per_side * 2  # patches per side (merge 2)
+    image = [VISION_START] + [IMAGE_PAD] * image_tokens + [VISION_END]
     text_budget = length - resp - 2 * len(image) - 2
     p1, p2 = text_budget // 3, text_budget - text_budget // 3
 
@@ -166,7 +168,7 @@ def _reset_peak() -> bool:
     return _status_mb("VmHWM") <= _status_mb("VmRSS") + 1
 
 
-def child(length: int, impl: str, layers: int) -> dict:
+def child(length: int, impl: str, layers: int, image_tokens: int = IMAGE_TOKENS) -> dict:
     import torch
 
     from mgpo_core.algorithms import LossCoefficients, mgpo_loss
@@ -174,7 +176,7 @@ def child(length: int, impl: str, layers: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model = _model(layers)
-    batch = _episode(length, model)
+    batch = _episode(length, model, image_tokens)
     n_params = sum(p.numel() for p in model.parameters())
     baseline_mb = _status_mb("VmRSS")
     reset = _reset_peak()
@@ -194,6 +196,7 @@ def child(length: int, impl: str, layers: int) -> dict:
         "length": length,
         "impl": impl,
         "layers": layers,
+        "image_tokens": int((batch.input_ids == IMAGE_PAD).sum()),
         "params": n_params,
         "loss_positions": n_loss,
         "peak_rss_mb": _status_mb("VmHWM")
@@ -220,12 +223,18 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 12288])
     ap.add_argument("--impls", nargs="+", default=["before", "after"], choices=["before", "after"])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument(
+        "--image-tokens", type=int, default=IMAGE_TOKENS, help="visual tokens per image (2 images)"
+    )
     ap.add_argument("--limit-gb", type=float, default=15.0)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--child", nargs=3, metavar=("LENGTH", "IMPL", "LAYERS"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", nargs=4, metavar=("LENGTH", "IMPL", "LAYERS", "IMAGE_TOKENS"), help=argparse.SUPPRESS
+    )
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(int(a.child[0]), a.child[1], int(a.child[2]))), flush=True)
+        length, impl, layers, image_tokens = a.child
+        print("RESULT " + json.dumps(child(int(length), impl, int(layers), int(image_tokens))), flush=True)
         return 0
     rows = []
     for length in a.lengths:
@@ -236,7 +245,7 @@ def main() -> int:
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
             p = subprocess.run(
-                [sys.executable, __file__, "--child", str(length), impl, str(a.layers)],
+                [sys.executable, __file__, "--child", str(length), impl, str(a.layers), str(a.image_tokens)],
                 capture_output=True,
                 text=True,
                 preexec_fn=cap,
