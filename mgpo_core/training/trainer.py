@@ -31,7 +31,7 @@ from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_e
 from mgpo_core.training import checkpoint as ckpt
 from mgpo_core.training.collapse import CollapseMonitor
 from mgpo_core.training.ds_config import build_ds_config
-from mgpo_core.training.metrics import logprob_gap, rollout_metrics
+from mgpo_core.training.metrics import rollout_metrics
 from mgpo_core.training.rewards import get_reward
 from mgpo_core.training.sampler import PromptSampler, SamplerState, shard_for_rank
 from mgpo_core.training.tracking import MetricsSink, ensure_run, resolve_tracking_uri
@@ -184,6 +184,8 @@ class UpdateSettings:
     """Ids the rollout engines never sample (vision placeholders, padded rows): excluded from the distribution."""
     train_forced: bool = False
     """Whether tokens the environment forced (no behaviour log-prob) enter the loss."""
+    bucket_by_length: bool = True
+    """Sort each mini-batch share by length before cutting it into micro-batches (:func:`micro_batch_order`)."""
 
     @classmethod
     def from_config(cls, cfg: MGPOConfig, special) -> UpdateSettings:  # noqa: ANN001 - SpecialTokens
@@ -243,20 +245,58 @@ def engine_logprobs(engine, batch, settings: UpdateSettings, *, with_entropy: bo
         del module.forward
 
 
+def micro_batch_order(episodes: Sequence[Episode], settings: UpdateSettings) -> list[int]:
+    """The order in which one rank's share of a mini-batch is cut into micro-batches of ``micro_batch_size``.
+
+    Longest first (stable), so each micro-batch holds episodes of similar length and a short episode is not padded
+    to the longest one of the share (and the first micro-batch already reaches the peak memory). Exact: every
+    micro-batch's loss is a sum over its tokens divided by the WHOLE mini-batch's normaliser, so the accumulated
+    gradient does not depend on how the episodes are grouped (only the float summation order changes).
+    ``settings.bucket_by_length=False`` keeps the rollout order.
+    """
+    idx = list(range(len(episodes)))
+    if settings.bucket_by_length:
+        idx.sort(key=lambda i: -episodes[i].length)
+    return idx
+
+
+def _gap_sums(episodes: Sequence[Episode], logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of |trainer log-prob − rollout log-prob| over the sampled loss tokens of a micro-batch."""
+    total, count = 0.0, 0
+    for i, ep in enumerate(episodes):
+        lp = ep.rollout_logprobs
+        sel = torch.isfinite(lp) & (mask[i, : ep.length] > 0)
+        total += float((logp[i, : ep.length][sel].float() - lp[sel]).abs().sum())
+        count += int(sel.sum())
+    return total, count
+
+
 def minibatch_update(
     engine,  # noqa: ANN001
     episodes: Sequence[Episode],
     adv: torch.Tensor,
-    old_logp: Sequence[torch.Tensor],
-    ref_logp: Sequence[torch.Tensor | None],
+    old_logp: Sequence[torch.Tensor | None] | None,
+    ref_logp: Sequence[torch.Tensor | None] | None,
     settings: UpdateSettings,
     device: torch.device,
     *,
     with_gap: bool = False,
+    ref_model: torch.nn.Module | None = None,
+    record: dict[str, list[torch.Tensor | None]] | None = None,
 ) -> dict[str, float]:
     """One optimiser step over one rank's share of a mini-batch, accumulated over its micro-batches.
 
-    ``old_logp``/``ref_logp`` hold one tensor per micro-batch of ``episodes`` (chunks of ``micro_batch_size``).
+    ``old_logp``/``ref_logp`` hold one tensor per micro-batch of ``episodes`` (chunks of ``micro_batch_size``, in
+    the given order).
+
+    *On-policy* (``old_logp`` None, or an entry None): the policy has not been updated since the rollout (the
+    first mini-batch of an RL step's first PPO epoch), so the old log-probs ARE this forward's log-probs,
+    detached: the ratio is exactly 1, the clip inactive, the gradient the plain policy gradient, and no separate
+    old-log-prob pass is needed. *Fused reference*: with ``ref_logp`` None (or an entry None) and a ``ref_model``,
+    the reference log-probs are computed here, on the same collated micro-batch (no grad), just before the
+    policy's forward; its activations are freed before the policy's, so the peak memory is the update's.
+    ``record`` (a dict) receives the old and reference log-probs used, one tensor per micro-batch (for later PPO
+    epochs over the same mini-batch).
     Every micro-batch's loss is divided by the mini-batch's loss-token count over all ranks divided by the world
     size; DeepSpeed averages gradients over ranks and does not rescale by the accumulation steps
     (``scale_wrt_gas=False``), so the accumulated gradient is that of the token-mean over the whole mini-batch,
@@ -268,7 +308,7 @@ def minibatch_update(
     mb = settings.micro_batch_size
     chunks = [episodes[i : i + mb] for i in range(0, len(episodes), mb)]
     gas = engine.gradient_accumulation_steps()
-    if len(chunks) != gas or len(old_logp) != gas:
+    if len(chunks) != gas or (old_logp is not None and len(old_logp) != gas):
         raise RuntimeError(
             f"a mini-batch share of {len(episodes)} episodes makes {len(chunks)} micro-batches of {mb}, but the "
             f"DeepSpeed engine accumulates {gas}: the optimiser step would not cover exactly one mini-batch"
@@ -285,16 +325,26 @@ def minibatch_update(
     normalizer = max(_all_reduce_sum(local_tokens, device) / world, 1.0)
     with_entropy = settings.coefs.entropy_coef > 0
     sums: dict[str, float] = {}
-    gaps: list[float] = []
+    gap_sum, gap_count = 0.0, 0
     steps_before = engine.global_steps
     for k, chunk in enumerate(chunks):
         batch = settings.collate(chunk, engine.module, device, dtype)
+        ref_k = None if ref_logp is None else ref_logp[k]
+        if ref_k is None and ref_model is not None:
+            with torch.no_grad():
+                ref_k = settings.logprobs(ref_model, batch)[0].float()
         logp, ent = engine_logprobs(engine, batch, settings, with_entropy=with_entropy)
+        logp = logp.float()
+        old_k = None if old_logp is None else old_logp[k]
+        old_k = logp.detach() if old_k is None else old_k.to(device)
+        if record is not None:
+            record.setdefault("old", []).append(old_k)
+            record.setdefault("ref", []).append(ref_k)
         start = k * mb
         loss, metrics = mgpo_loss(
-            logp.float(),
-            old_logp[k].to(device),
-            None if ref_logp[k] is None else ref_logp[k].to(device),
+            logp,
+            old_k,
+            None if ref_k is None else ref_k.to(device),
             adv[start : start + len(chunk)].to(device),
             batch.loss_mask,
             ent,
@@ -308,7 +358,8 @@ def minibatch_update(
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
         if with_gap:
-            gaps.append(logprob_gap(chunk, old_logp[k].cpu(), batch.loss_mask.cpu()))
+            g_sum, g_count = _gap_sums(chunk, old_k.cpu(), batch.loss_mask.cpu())
+            gap_sum, gap_count = gap_sum + g_sum, gap_count + g_count
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + v
     if engine.global_steps != steps_before + 1:
@@ -319,8 +370,8 @@ def minibatch_update(
     gn = engine.get_global_grad_norm()
     if gn is not None:
         out["optim/grad_norm"] = float(gn)
-    if with_gap:
-        out["rollout/logprob_gap"] = sum(gaps) / len(gaps)
+    if with_gap:  # token-mean over the share's sampled loss tokens (independent of the micro-batch grouping)
+        out["rollout/logprob_gap"] = gap_sum / gap_count if gap_count else 0.0
     return out
 
 
@@ -574,12 +625,13 @@ class MGPOTrainer:
                 run_id=self.mlflow_run_id,
             )
 
+        minis = self._mini_batches(episodes, adv)
         t = time.perf_counter()
-        old_logp, ref_logp = self._reference_logprobs(episodes)
+        old_logp = self._old_logprobs(minis)
         m["timing/old_ref_logprobs_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        m.update(self._update(episodes, adv, old_logp, ref_logp))
+        m.update(self._update(minis, old_logp))
         m["timing/update_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -606,30 +658,54 @@ class MGPOTrainer:
             m = {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
         return m
 
-    def _reference_logprobs(
-        self, episodes: list[Episode]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Old (current policy, before the update) and reference log-probs, one tensor per micro-batch."""
-        return reference_logprobs(self.policy, self.ref_model, episodes, self.update_settings, self.device)
-
-    def _update(self, episodes, adv, old_logp, ref_logp) -> dict[str, float]:  # noqa: ANN001
+    def _mini_batches(
+        self, episodes: list[Episode], adv: torch.Tensor
+    ) -> list[tuple[list[Episode], torch.Tensor]]:
+        """This rank's mini-batch shares, each in micro-batch order (:func:`micro_batch_order`) with its advantages."""
         a, n = self.cfg.algorithm, self.cfg.rollout.n
-        mb = a.micro_batch_size
         mini_eps = a.mini_batch_prompts // self.dist.world * n
+        out = []
+        for start in range(0, len(episodes), mini_eps):
+            eps = episodes[start : start + mini_eps]
+            order = micro_batch_order(eps, self.update_settings)
+            out.append(([eps[i] for i in order], adv[start : start + len(eps)][order]))
+        return out
+
+    def _old_logprobs(
+        self, minis: list[tuple[list[Episode], torch.Tensor]]
+    ) -> list[list[torch.Tensor] | None]:
+        """Old log-probs (the policy before the update), one list per mini-batch of one tensor per micro-batch.
+
+        Only the mini-batches updated after the RL step's first optimiser step need a separate pass: the first
+        one is on-policy (``None``: its update forward's detached log-probs are the old ones, see
+        :func:`minibatch_update`), so with one mini-batch per RL step there is no old-log-prob pass at all. The
+        reference log-probs are computed inside the update's micro-batch loop (fused).
+        """
+        return [None] + [
+            reference_logprobs(self.policy, None, eps, self.update_settings, self.device)[0]
+            for eps, _ in minis[1:]
+        ]
+
+    def _update(self, minis, old_logp) -> dict[str, float]:  # noqa: ANN001
+        """PPO epochs over the mini-batches; later epochs reuse the old and reference log-probs of the first."""
+        a = self.cfg.algorithm
+        records: list[dict[str, list[torch.Tensor | None]]] = [{} for _ in minis]
         per_mini: list[dict[str, float]] = []
         for epoch in range(a.ppo_epochs):
-            for start in range(0, len(episodes), mini_eps):
-                stop = min(start + mini_eps, len(episodes))
+            for j, (eps, adv) in enumerate(minis):
+                first = epoch == 0
                 per_mini.append(
                     minibatch_update(
                         self.engine,
-                        episodes[start:stop],
-                        adv[start:stop],
-                        old_logp[start // mb : (stop + mb - 1) // mb],
-                        ref_logp[start // mb : (stop + mb - 1) // mb],
+                        eps,
+                        adv,
+                        old_logp[j] if first else records[j]["old"],
+                        None if first else records[j]["ref"],
                         self.update_settings,
                         self.device,
-                        with_gap=epoch == 0,
+                        with_gap=first,
+                        ref_model=self.ref_model if first else None,
+                        record=records[j] if first and a.ppo_epochs > 1 else None,
                     )
                 )
         # Each mini-batch's loss/* are its token-means; actor/* its micro-batch means: average over mini-batches.
