@@ -111,7 +111,8 @@ def filter_task(
     c = rep.get("counts", {})
     progress(
         f"filter    dataset {result.dataset_dir.name}: {c.get('in')} rows in, {c.get('kept')} kept, "
-        f"{c.get('dropped')} dropped {json.dumps(rep.get('dropped_by_reason') or {})}"
+        f"{c.get('dropped')} dropped"
+        + (f" {json.dumps(rep['dropped_by_reason'])}" if rep.get("dropped_by_reason") else "")
     )
     if parent_run_id:
         _log_filter_run(cfg, parent_run_id, result)
