@@ -1,19 +1,27 @@
 """Training-step benchmark: our two-turn MGPO RL step against TRL's single-turn ``GRPOTrainer`` on the same tiny
 Qwen2.5-VL, the same prompts and the same group size, each in its own process, measured in one run.
 
-Usage: ``.venv/bin/python bench/bench_train_step.py [--steps 5 --warmup 1 --repeats 2 ...] [--out r.json]``
-(defaults: ~4-5 minutes on a busy 2-core CPU). Prints a Markdown table (seconds and CPU seconds per RL step,
-peak RSS, generated tokens per step, time per generated token, the ours/theirs ratios, the per-phase split) and,
-with ``--out``, writes every raw number as JSON. Each trainer runs in its own child process, ``--repeats`` times,
-alternating which side goes first; the timed steps of all repeats are pooled.
+Usage: ``.venv/bin/python bench/bench_train_step.py [--steps 5 --warmup 1 --repeats 2 --sides ...] [--out r.json]``.
+Prints a Markdown table (seconds and CPU seconds per RL step, peak RSS, generated tokens per step, time per
+generated token, the ours/TRL ratios, the per-phase split) and, with ``--out``, writes every raw number as JSON.
+Each side runs in its own child process, ``--repeats`` times, rotating which side goes first; the timed steps of
+all repeats are pooled.
+
+Sides (``--sides``, default all four): ``ours-vllm`` is the product: ``MGPOTrainer`` as the pipeline runs it, with
+the vLLM engine in-process (prefix caching across the two turns; the weight push after the update is part of the
+step); ``ours-hf`` the same trainer generating with HF ``generate`` on the trained module (turn 2 re-prefills the
+whole conversation); ``trl`` TRL's ``GRPOTrainer`` single-turn, prompt without a system turn; ``trl-sys`` the same
+with our MGPO system prompt in TRL's prompt too, so the remaining difference is the second turn itself.
 
 What is compared. One RL step = ``--prompts`` prompts × ``--n`` rollouts → rewards → group advantages → old and
 reference log-probs → PPO-clip updates in ``prompts / mini-batch-prompts`` optimiser steps (micro-batch
 ``--micro-batch``), AdamW with the same lr / weight decay / betas / eps / grad-clip, KL coefficient = TRL's beta,
-fp32 on CPU. Ours: ``MGPOTrainer`` (DeepSpeed ZeRO-2, world size 1, HF ``generate`` rollouts), two assistant
-turns (turn 1 with the overview image, turn 2 with a second image: the crop or the overview again). TRL: one
-turn with the same overview image and the question + choices, ``max_completion_length`` = turn-1 + turn-2
-budgets. Generated tokens are counted from what each side really sampled (the random tiny model may stop early).
+fp32 on CPU. Ours (DeepSpeed ZeRO-2, world size 1): two assistant turns (turn 1 with the overview image, turn 2
+with a second image: the crop or the overview again); the first mini-batch is on-policy (no old-log-prob pass),
+the reference pass is fused into the update's micro-batch loop, micro-batches are length-bucketed. TRL: one turn
+with the same overview image and the question + choices, ``max_completion_length`` = turn-1 + turn-2 budgets.
+Generated tokens are counted from what each side really sampled (the random tiny model may stop early). vLLM runs
+in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its CPU time is in the process's CPU time.
 
 Peak memory is ``ru_maxrss`` of each child process (whole life) and ``VmHWM`` over the timed steps only (the
 high-water mark is reset through ``/proc/self/clear_refs`` after the warm-up, where Linux allows it).
@@ -91,13 +99,13 @@ def loadavg() -> list[float]:
 
 
 # -- our side -------------------------------------------------------------------------------------------------------
-def our_overrides(spec: dict[str, Any], state_dir: Path) -> list[str]:
+def our_overrides(spec: dict[str, Any], state_dir: Path, engine: str = "hf") -> list[str]:
     """The tiny-cpu preset turned into the benchmark's fixed batch (also read by the TRL child for lr & co.)."""
     return [
         f"model.path={spec['model_dir']}",
         f"state_dir={state_dir}",
         f"tracking.mlflow_tracking_uri={UNREACHABLE_MLFLOW}",
-        "rollout.engine=hf",
+        f"rollout.engine={engine}",
         f"rollout.n={spec['n']}",
         f"rollout.max_new_tokens_turn1={spec['turn1_tokens']}",
         f"rollout.max_new_tokens_turn2={spec['turn2_tokens']}",
@@ -127,8 +135,11 @@ def sampled_tokens(episodes: list[Any], turn: int) -> int:
     return sum(int((torch.isfinite(ep.rollout_logprobs) & (ep.turn_index == turn)).sum()) for ep in episodes)
 
 
-def run_ours(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Warm up, then time ``steps`` calls of ``MGPOTrainer.train_step`` and one ``save()`` separately."""
+def run_ours(spec: dict[str, Any], work: Path, engine: str) -> dict[str, Any]:
+    """Warm up, then time ``steps`` calls of ``MGPOTrainer.train_step`` and one ``save()`` separately.
+
+    ``engine`` ``vllm`` is the product: the pipeline's vLLM engine (in-process, prefix caching across the two
+    turns, the weights pushed after every update inside the step); ``hf`` generates with the trained module."""
     t = time.perf_counter()  # set-up = imports + model, reference model, engine and optimiser construction
     import torch
 
@@ -139,8 +150,8 @@ def run_ours(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN
     from mgpo_core.training.trainer import MGPOTrainer
 
-    cfg = load_config("tiny-cpu", our_overrides(spec, work / "ours-state"))
-    run_dir = work / "ours-run"
+    cfg = load_config("tiny-cpu", our_overrides(spec, work / f"ours-{engine}-state", engine))
+    run_dir = work / f"ours-{engine}-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left by an earlier run would be resumed
     trainer = MGPOTrainer(cfg, run_dir, read_samples_jsonl(spec["samples"]), progress=False)
     setup_s = time.perf_counter() - t
@@ -216,7 +227,7 @@ def trl_prompt(sample: Any, system_prompt: str | None) -> list[dict[str, Any]]:
     return [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, user]
 
 
-def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_trl(spec: dict[str, Any], work: Path, system_prompt: bool) -> dict[str, Any]:
     """Single-turn GRPO with TRL on the same model, prompts, group size, optimiser and budgets; time RL steps."""
     t = time.perf_counter()  # set-up = imports + data, processor, model and trainer construction
     import torch
@@ -241,7 +252,7 @@ def run_trl(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             overview = resize_for_model(
                 original, min_pixels=r.min_pixels, max_pixels=r.max_pixels, resample=r.overview_resample
             )
-        system = r.system_prompt if spec["trl_system_prompt"] == "mgpo" else None
+        system = r.system_prompt if system_prompt else None
         rows.append({"prompt": trl_prompt(s, system), "image": overview, "answer": s.answer})
 
     def reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
@@ -410,6 +421,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         overview_max_pixels=args.max_pixels,
     )
     spec = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "child", "spec", "result")}
+    spec["sides"] = list(args.sides)
     spec.update(model_dir=str(model_dir), samples=str(samples))
     return spec
 
@@ -508,71 +520,91 @@ METRIC_ROWS: tuple[tuple[str, str, str, float], ...] = (
 )
 
 
-def table(spec: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any], raw: dict[str, Any]) -> str:
-    """The Markdown report: headline metrics with ours/theirs ratios, the phase split, token details, verdict."""
+SIDES = {
+    "ours-vllm": "MGPO, vLLM (product)",
+    "ours-hf": "MGPO, HF engine",
+    "trl": "TRL GRPO (1 turn)",
+    "trl-sys": "TRL + our system prompt",
+}
+RATIOS = (("ours-vllm", "trl"), ("ours-vllm", "trl-sys"), ("ours-hf", "trl"), ("ours-hf", "trl-sys"))
 
-    def ratio(key: str) -> str:
-        a, b = ours.get(key), theirs.get(key)
-        return "" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
-    o_steps = [s for r in raw["ours"] for s in r["steps"]]
-    t_steps = [s for r in raw["trl"] for s in r["steps"]]
-    o_eps, t_eps = sum(s["episodes"] for s in o_steps), sum(s["episodes"] for s in t_steps)
+def table(spec: dict[str, Any], summ: dict[str, dict[str, Any]], raw: dict[str, Any]) -> str:
+    """The Markdown report: one column per side, the ours/TRL ratios, the phase split, token details, verdict."""
+    sides = [s for s in SIDES if s in summ]
+    pairs = [(a, b) for a, b in RATIOS if a in summ and b in summ]
+
+    def ratio(a: str, b: str, key: str) -> str:
+        x, y = summ[a].get(key), summ[b].get(key)
+        return "" if x is None or y is None or y == 0 else f"{x / y:.2f}"
+
     budget = spec["turn1_tokens"] + spec["turn2_tokens"]
+    n_timed = {s: summ[s]["timed_steps"] for s in sides}
     lines = [
         f"Fixed batch: {spec['prompts']} prompts × n={spec['n']}, {spec['prompts'] // spec['mini_batch_prompts']} "
         f"optimiser steps per RL step (micro-batch {spec['micro_batch']}), budgets ours {spec['turn1_tokens']}+"
-        f"{spec['turn2_tokens']} tokens vs TRL {budget}; {ours['timed_steps']} timed RL steps per side after "
-        f"{spec['warmup']} warm-up, {spec['repeats']} alternating run(s), {spec['threads']} torch thread(s) "
-        f"per process; TRL prompt {'with' if spec['trl_system_prompt'] == 'mgpo' else 'without'} our system "
-        "prompt.",
+        f"{spec['turn2_tokens']} tokens vs TRL {budget}; timed RL steps per side {n_timed} after "
+        f"{spec['warmup']} warm-up, {spec['repeats']} rotating run(s), {spec['threads']} torch thread(s) per "
+        "process.",
         "",
-        "| metric | MGPO (ours, 2 turns) | TRL GRPO (1 turn) | ours/theirs |",
-        "|---|---|---|---|",
+        "| metric | "
+        + " | ".join(SIDES[s] for s in sides)
+        + " | "
+        + " | ".join(f"{a}/{b}" for a, b in pairs)
+        + " |",
+        "|---|" + "---|" * (len(sides) + len(pairs)),
     ]
     for label, key, fmt, scale in METRIC_ROWS:
-        ratio_cell = ratio(key) if key != "setup_s" else ""
-        lines.append(
-            f"| {label} | {_f(ours[key], fmt, scale)} | {_f(theirs[key], fmt, scale)} | {ratio_cell} |"
-        )
-    lines += [
-        "",
-        "| phase, s per RL step (mean) | ours | TRL |",
-        "|---|---|---|",
-        f"| rollout (generate) | {ours['rollout_s']:.2f} | {theirs['rollout_s']:.2f} |",
-        f"| old + ref log-probs (TRL: + rewards, image re-processing) | {ours['logprobs_s']:.2f} | "
-        f"{theirs['logprobs_s']:.2f} |",
-        f"| update (forward, backward, optimiser) | {ours['update_s']:.2f} | {theirs['update_s']:.2f} |",
-        f"| weight sync | {ours['sync_s']:.3f} | n/a (generates with the trained module) |",
-        f"| other (rewards, metrics; TRL: data, logging) | {ours['other_s']:.2f} | {theirs['other_s']:.2f} |",
-        f"| checkpoint (one `trainer.save()`, outside the step) | {ours['checkpoint_s']:.2f} | not timed |",
-        "",
-        f"Generated tokens per episode: ours turn 1 {sum(s['generated_turn1'] for s in o_steps) / o_eps:.1f} "
-        f"(reached the {spec['turn1_tokens']}-token cap: {sum(s['turn1_hit_max'] for s in o_steps) / o_eps:.0%}), "
-        f"turn 2 {sum(s['generated_turn2'] for s in o_steps) / o_eps:.1f} (reached {spec['turn2_tokens']}: "
-        f"{sum(s['turn2_hit_max'] for s in o_steps) / o_eps:.0%}), valid boxes "
-        f"{sum(s['valid_boxes'] for s in o_steps) / o_eps:.0%}, turn-1 prompt "
-        f"{statistics.mean(s['prompt_tokens_turn1'] for s in o_steps):.0f} tokens, whole episode "
-        f"{sum(s['sequence_tokens'] for s in o_steps) / o_eps:.0f}; TRL "
-        f"{sum(s['generated_tokens'] for s in t_steps) / t_eps:.1f} (reached {budget}: "
-        f"{sum(s['hit_max'] for s in t_steps) / t_eps:.0%}), prompt "
-        f"{statistics.mean(s['prompt_tokens'] for s in t_steps):.0f} tokens, whole episode "
-        f"{sum(s['sequence_tokens'] for s in t_steps) / t_eps:.0f}.",
-        "",
-    ]
-    verdicts = []
-    for label, key in (
-        ("wall, total", "s_per_generated_token"),
-        ("wall, median", "s_per_generated_token_median"),
-        ("CPU", "cpu_s_per_generated_token"),
-    ):
-        holds = ours[key] <= theirs[key]
-        verdicts.append(f"{label}: {'holds' if holds else 'does NOT hold'} (ratio {ratio(key)})")
-    lines.append(
-        "Goal, our two-turn step no slower than TRL's single-turn step per generated token — "
-        + "; ".join(verdicts)
-        + "."
+        cells = [_f(summ[s].get(key), fmt, scale) for s in sides]
+        rcells = ["" if key == "setup_s" else ratio(a, b, key) for a, b in pairs]
+        lines.append(f"| {label} | " + " | ".join(cells + rcells) + " |")
+    phase_rows = (
+        ("rollout (generate)", "rollout_s"),
+        (
+            "old log-probs (ours: mini-batches after the first; TRL: + ref, rewards, image re-processing)",
+            "logprobs_s",
+        ),
+        ("update (ours: + fused reference pass; forward, backward, optimiser)", "update_s"),
+        ("weight sync (vLLM push; HF and TRL generate with the trained module)", "sync_s"),
+        ("other (rewards, metrics; TRL: data, logging)", "other_s"),
+        ("checkpoint (one `trainer.save()`, outside the step)", "checkpoint_s"),
     )
+    lines += ["", "| phase, s per RL step (mean) | " + " | ".join(SIDES[s] for s in sides) + " |"]
+    lines.append("|---|" + "---|" * len(sides))
+    for label, key in phase_rows:
+        lines.append(f"| {label} | " + " | ".join(_f(summ[s].get(key), ".3f") for s in sides) + " |")
+    lines.append("")
+    for side in sides:
+        st = [x for r in raw[side] for x in r["steps"]]
+        eps = sum(x["episodes"] for x in st)
+        if side.startswith("ours"):
+            lines.append(
+                f"- {SIDES[side]}: generated per episode turn 1 {sum(x['generated_turn1'] for x in st) / eps:.1f} "
+                f"(reached the {spec['turn1_tokens']}-token cap: {sum(x['turn1_hit_max'] for x in st) / eps:.0%}), "
+                f"turn 2 {sum(x['generated_turn2'] for x in st) / eps:.1f} (reached {spec['turn2_tokens']}: "
+                f"{sum(x['turn2_hit_max'] for x in st) / eps:.0%}), valid boxes "
+                f"{sum(x['valid_boxes'] for x in st) / eps:.0%}, turn-1 prompt "
+                f"{statistics.mean(x['prompt_tokens_turn1'] for x in st):.0f} tokens, whole episode "
+                f"{sum(x['sequence_tokens'] for x in st) / eps:.0f}."
+            )
+        else:
+            lines.append(
+                f"- {SIDES[side]}: generated per episode {sum(x['generated_tokens'] for x in st) / eps:.1f} "
+                f"(reached {budget}: {sum(x['hit_max'] for x in st) / eps:.0%}), prompt "
+                f"{statistics.mean(x['prompt_tokens'] for x in st):.0f} tokens, whole episode "
+                f"{sum(x['sequence_tokens'] for x in st) / eps:.0f}."
+            )
+    lines.append("")
+    for a, b in pairs:
+        verdicts = []
+        for label, key in (
+            ("wall, total", "s_per_generated_token"),
+            ("wall, median", "s_per_generated_token_median"),
+            ("CPU", "cpu_s_per_generated_token"),
+        ):
+            holds = summ[a][key] <= summ[b][key]
+            verdicts.append(f"{label}: {'holds' if holds else 'does NOT hold'} ({ratio(a, b, key)})")
+        lines.append(f"Per generated token, {a} ≤ {b}: " + "; ".join(verdicts) + ".")
     return "\n".join(lines)
 
 
@@ -605,14 +637,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch/OpenMP threads of each child; 1 keeps CPU time free of OpenMP spin-waits on a shared machine",
     )
     p.add_argument(
-        "--trl-system-prompt",
-        choices=["none", "mgpo"],
-        default="none",
-        help="TRL prompt: no system turn (default) or our MGPO system prompt (a diagnostic of prompt length)",
+        "--sides",
+        type=lambda x: [v for v in x.split(",") if v],
+        default=list(SIDES),
+        help="comma-separated, from "
+        + ",".join(SIDES)
+        + " (default: all; trl-sys: TRL's prompt also carries our "
+        "MGPO system prompt)",
     )
     p.add_argument("--workdir", default=None, help="keep models, data and logs here (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the raw numbers as JSON to this path")
-    p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -625,6 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append(f"--micro-batch {args.micro_batch} must divide mini-batch-prompts × n")
     if args.n < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         problems.append("need --n >= 2, --steps >= 1, --warmup >= 0, --repeats >= 1")
+    if not args.sides or set(args.sides) - set(SIDES):
+        problems.append(f"--sides must name some of {','.join(SIDES)}")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -635,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(Path(args.spec).read_text())
         work = Path(spec["work"])
-        result = run_ours(spec, work) if args.child == "ours" else run_trl(spec, work)
+        if args.child.startswith("ours"):
+            result = run_ours(spec, work, args.child.removeprefix("ours-"))
+        else:
+            result = run_trl(spec, work, system_prompt=args.child == "trl-sys")
         Path(args.result).write_text(json.dumps(result))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
@@ -645,14 +685,15 @@ def main(argv: list[str] | None = None) -> int:
         spec["work"] = str(work)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=1))
-        raw: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+        sides = list(args.sides)
+        raw: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for rep in range(args.repeats):
-            order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
+            order = sides[rep % len(sides) :] + sides[: rep % len(sides)]  # rotate who goes first
             for side in order:
                 print(f"[bench] repeat {rep + 1}/{args.repeats}: {side} …", file=sys.stderr, flush=True)
                 raw[side].append(run_child(side, spec_path, work, args.threads))
-        ours, theirs = summarise(raw["ours"]), summarise(raw["trl"])
-        text = table(spec, ours, theirs, raw)
+        summ = {side: summarise(raw[side]) for side in sides}
+        text = table(spec, summ, raw)
         print(text)
         if args.out:
             from importlib.metadata import PackageNotFoundError, version
@@ -668,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": machine(),
                 "versions": versions,
                 "spec": spec,
-                "summary": {"ours": ours, "trl": theirs},
+                "summary": summ,
                 "runs": raw,
                 "table": text,
             }
