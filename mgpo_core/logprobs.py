@@ -106,17 +106,64 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(algorithms.entropy_from_logits(logits[:, :-1]), (1, 0))
 
 
-def forward_hidden(model, batch: EpisodeBatch) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the language model for a collated batch."""
+def distinct_images(pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[list[int], list[int]]:
+    """``(first, where)``: the index of the first copy of each distinct image, and for every image of the batch the
+    position in ``first`` of its copy. Images are equal when their grid and every pixel-patch value are equal.
+
+    The n rollouts of a prompt share its overview, and turn 2 repeats the overview when turn 1 gave no valid box:
+    a micro-batch often holds the same image many times.
+    """
+    sizes = grid.prod(-1).tolist()
+    slices = torch.split(pixel_values, sizes)
+    first: list[int] = []
+    where: list[int] = []
+    by_grid: dict[tuple[int, ...], list[int]] = {}
+    for i, (pix, g) in enumerate(zip(slices, grid.tolist(), strict=True)):
+        cands = by_grid.setdefault(tuple(g), [])
+        for u in cands:
+            if torch.equal(slices[first[u]], pix):
+                where.append(u)
+                break
+        else:
+            cands.append(len(first))
+            where.append(len(first))
+            first.append(i)
+    return first, where
+
+
+def _image_features_once(inner, pixel_values: torch.Tensor, grid: torch.Tensor):  # noqa: ANN001, ANN202
+    """The vision tower's output for every image of the batch, computed ONCE per distinct image (``None`` when all
+    images differ). The vision tower attends within each image only (per-image ``cu_seqlens``), so an image's
+    features do not depend on the others in the batch; a repeated image's features are the same tensor, and the
+    backward adds the gradients of all its copies, as the separate computations would (up to float order)."""
+    first, where = distinct_images(pixel_values, grid)
+    if len(first) == len(where):
+        return None
+    slices = torch.split(pixel_values, grid.prod(-1).tolist())
+    out = inner.get_image_features(torch.cat([slices[i] for i in first]), grid[first], return_dict=True)
+    feats = out.pooler_output
+    out.pooler_output = tuple(feats[u] for u in where)
+    return out
+
+
+def forward_hidden(model, batch: EpisodeBatch, *, dedupe_images: bool = True) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the language model for a collated batch.
+
+    With ``dedupe_images`` the vision tower runs once per distinct image of the batch (:func:`distinct_images`).
+    """
     inner = model.model if hasattr(model, "lm_head") else model.module.model
+    pixel_values, encoded = batch.pixel_values, None
+    if dedupe_images and pixel_values is not None and batch.image_grid_thw is not None:
+        encoded = _image_features_once(inner, pixel_values, batch.image_grid_thw)
     out = inner(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        pixel_values=batch.pixel_values,
+        pixel_values=None if encoded is not None else pixel_values,
         image_grid_thw=batch.image_grid_thw,
         mm_token_type_ids=batch.mm_token_type_ids,
         use_cache=False,
+        **({"mm_encoder_outputs": {"image": encoded}} if encoded is not None else {}),
     )
     return out.last_hidden_state
 
@@ -163,6 +210,7 @@ def token_logprobs(
     temperature: float = 1.0,
     suppress_ids: Sequence[int] | torch.Tensor | None = None,
     chunk_size: int = 512,
+    dedupe_images: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked per-token log-probs (B, L) and optionally entropies (B, L) of ``batch`` under ``model``.
 
@@ -176,9 +224,11 @@ def token_logprobs(
     padding tokens get no logits at all), ``chunk_size`` positions at a time. With autograd on, every chunk is
     recomputed in the backward (activation checkpointing), so what the backward keeps of the head is the (N, H)
     hidden states, never (N, V) logits; the peak holds one chunk's (chunk, V) float32 logits and their softmax.
+
+    ``dedupe_images``: the vision tower runs once per distinct image of the batch (:func:`forward_hidden`).
     """
     head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
-    hidden = forward_hidden(model, batch)
+    hidden = forward_hidden(model, batch, dedupe_images=dedupe_images)
     b, length, _ = hidden.shape
     rows, cols = loss_positions(batch.loss_mask)
     h = hidden[rows, cols - 1]  # position t - 1 predicts token t

@@ -180,3 +180,28 @@ def test_trainer_step_with_several_mini_batches_and_two_epochs(tmp_path, tiny_di
     assert trainer.engine.global_steps == steps_before + 4  # 2 epochs × 2 mini-batches
     assert m["rollout/logprob_gap"] < 1e-3
     assert m["actor/approx_kl"] >= 0.0 and torch.isfinite(torch.tensor(m["loss/total"]))
+
+
+def test_vision_tower_once_per_distinct_image_gives_the_same_logprobs_and_gradients(tiny_dir, mini_batch):
+    from mgpo_core.logprobs import collate_episodes, distinct_images, token_logprobs
+    from mgpo_core.modeling.loading import load_model
+
+    cfg, episodes, _ = mini_batch
+    model = load_model(tiny_dir, dtype="float32")
+    model.train()
+    batch = collate_episodes(episodes, model, pad_id=0)
+    first, where = distinct_images(batch.pixel_values, batch.image_grid_thw)
+    assert len(first) < len(where) == 2 * len(episodes)  # the n rollouts of a prompt share its overview
+    results = []
+    for dedupe in (True, False):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, batch, with_entropy=True, temperature=0.7, dedupe_images=dedupe)
+        (logp.sum() + ent.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), grads))
+    (lp1, g1), (lp0, g0) = results
+    print(f"{len(where)} images, {len(first)} distinct; max |Δ logp| {float((lp1 - lp0).abs().max()):.1e}")
+    assert torch.allclose(lp1, lp0, atol=1e-5, rtol=0)
+    assert g1.keys() == g0.keys() and any(n.startswith("model.visual") for n in g1)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], atol=1e-5 * float(g0[n].abs().max()) + 1e-8, rtol=1e-4), n
