@@ -163,6 +163,8 @@ class Episode:
     reward: float = 0.0
     truncated: bool = False
     finish_reasons: tuple[str, str] = ("stop", "stop")
+    turns: int = 2
+    """Assistant turns of the conversation: 2 for MGPO, 1 for the single-turn GRPO baseline (no turn 2)."""
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -7,7 +7,9 @@ import torch
 
 from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN
 from mgpo_core.grounding import GroundingResult, map_box_to_model
+from mgpo_core.reward import answer_reward
 from mgpo_core.training.metrics import grounding_quality
+from mgpo_core.training.rewards import get_reward
 from mgpo_core.training.trainer import rollout_episodes
 
 
@@ -24,6 +26,11 @@ def test_single_turn_episodes_have_one_image_one_trained_turn_and_the_answer_rew
         trained = ep.loss_mask.bool()
         assert trained.any() and bool((ep.turn_index[trained] == TURN1_TOKEN).all())
         assert ep.reward in (0.0, 1.0)
+        assert ep.turns == 1 and get_reward("answer")(ep) == answer_reward(ep.turn1_text, ep.sample.answer)
+    # the trainer's reward (which never scores turn 1 of an MGPO episode) scores the single turn here
+    ep = eps[0]
+    ep.turn1_text = f"```json\n[]\n```\n\\boxed{{{ep.sample.answer}}}"
+    assert get_reward("answer")(ep) == 1.0
 
 
 def test_final_turn_ablation_keeps_only_turn_two_in_the_loss_mask(hf_engine, tiny_cfg, synthetic_samples):

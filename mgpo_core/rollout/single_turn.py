@@ -88,6 +88,7 @@ def generate_single_turn_episodes(
                 original_size=orig_size,
                 crop_size=None,
                 finish_reasons=(res.finish_reason, "none"),
+                turns=1,
             )
             ep.reward = answer_reward([text], sample.answer)
             episodes.append(ep)

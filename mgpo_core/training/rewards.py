@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mgpo_core.episodes import Episode
-from mgpo_core.reward import episode_answer_reward
+from mgpo_core.reward import answer_reward, episode_answer_reward
 
 RewardFn = Callable[[Episode], float]
 REWARDS: dict[str, RewardFn] = {}
@@ -32,5 +32,10 @@ def get_reward(name: str) -> RewardFn:
 
 @register_reward("answer")
 def answer(ep: Episode) -> float:
-    """1.0 iff turn 2's last ``\\boxed{}`` is the right letter (METHOD.md §1.7; turn 1 is never scored)."""
+    """1.0 iff turn 2's last ``\\boxed{}`` is the right letter (METHOD.md §1.7; turn 1 is never scored).
+
+    A single-turn episode (the GRPO baseline, ``ep.turns == 1``) is scored on its only turn.
+    """
+    if ep.turns == 1:
+        return answer_reward(ep.turn1_text, ep.sample.answer)
     return episode_answer_reward(ep.turn2_text, ep.sample.answer, turn2_ran=ep.turn2_answered)
