@@ -56,3 +56,25 @@ def test_grounding_quality_counts_misses_and_maps_single_turn_boxes_to_the_origi
     q = grounding_quality(eps)
     assert q["box_contains_target"] == 1 / 3  # the invalid one counts as a miss
     assert 0 < q["box_iou"] < 1
+
+
+def test_sampled_episodes_are_logged_as_a_table_and_a_picture_locally_and_to_mlflow(hf_engine, tiny_cfg, synthetic_samples, tmp_path):
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mgpo_core.training.episode_log import log_episodes
+
+    eps = rollout_episodes(hf_engine, tiny_cfg, synthetic_samples[:3], seed=1, n=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("episodes", artifact_location=(tmp_path / "art").as_uri())
+    run_id = MlflowClient(uri).create_run(exp).info.run_id
+    table = log_episodes(eps, [0.5, -0.5] * 3, 7, run_dir=tmp_path / "run", k=4, tracking_uri=uri, run_id=run_id)
+    rows = json.loads(table.read_text())
+    assert len(rows) == 4 and {r["group"] for r in rows} == {0, 1, 2}  # spread over the prompts
+    assert {"turn1", "box", "box_reason", "turn2", "answer", "ground_truth", "reward", "advantage"} <= set(rows[0])
+    assert (tmp_path / "run" / "episodes" / "step_00007.png").stat().st_size > 1000
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "episodes")}
+    assert logged == {"episodes/step_00007.json", "episodes/step_00007.png"}
