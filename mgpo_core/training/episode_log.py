@@ -25,14 +25,20 @@ log = logging.getLogger(__name__)
 
 def pick_episodes(episodes: Sequence[Episode], k: int) -> list[int]:
     """Indices of up to ``k`` episodes spread over the groups (first sample of each group first)."""
-    order = sorted(range(len(episodes)), key=lambda i: (sum(e.group == episodes[i].group for e in episodes[:i]), i))
-    return order[:k]
+    seen: dict[int, int] = {}
+    rank = []
+    for i, ep in enumerate(episodes):
+        rank.append((seen.get(ep.group, 0), i))
+        seen[ep.group] = seen.get(ep.group, 0) + 1
+    return [i for _, i in sorted(rank)[:k]]
 
 
-def episode_rows(episodes: Sequence[Episode], advantages: Sequence[float], step: int, k: int) -> list[dict[str, Any]]:
-    """The table rows of up to ``k`` episodes (plain JSON types)."""
+def episode_rows(
+    episodes: Sequence[Episode], advantages: Sequence[float], step: int, picked: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The table rows of the ``picked`` episodes (plain JSON types)."""
     rows = []
-    for i in pick_episodes(episodes, k):
+    for i in picked:
         ep = episodes[i]
         g = ep.grounding
         rows.append(
@@ -54,11 +60,12 @@ def episode_rows(episodes: Sequence[Episode], advantages: Sequence[float], step:
     return rows
 
 
-def episode_picture(episodes: Sequence[Episode], rows: Sequence[dict[str, Any]], path: Path, step: int) -> Path:
-    by_id = {(ep.sample.id, ep.group, ep.turn1_text): ep for ep in episodes}
+def episode_picture(
+    episodes: Sequence[Episode], picked: Sequence[int], rows: Sequence[dict[str, Any]], path: Path, step: int
+) -> Path:
     items = []
-    for r in rows:
-        ep = by_id[(r["sample"], r["group"], r["turn1"])]
+    for i, r in zip(picked, rows, strict=True):
+        ep = episodes[i]
         box = box_in_original(ep)
         items.append(
             PictureItem(
@@ -92,12 +99,13 @@ def log_episodes(
     """
     out = Path(run_dir) / "episodes"
     out.mkdir(parents=True, exist_ok=True)
-    rows = episode_rows(episodes, advantages, step, k)
+    picked = pick_episodes(episodes, k)
+    rows = episode_rows(episodes, advantages, step, picked)
     table = out / f"step_{step:05d}.json"
     tmp = table.with_name(f".{table.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(rows, indent=1))
     tmp.replace(table)
-    picture = episode_picture(episodes, rows, out / f"step_{step:05d}.png", step) if rows else None
+    picture = episode_picture(episodes, picked, rows, out / f"step_{step:05d}.png", step) if rows else None
     if tracking_uri and run_id:
         try:
             from mlflow.tracking import MlflowClient
