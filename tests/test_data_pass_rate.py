@@ -20,8 +20,8 @@ from mgpo_core.data.synthetic import read_samples_jsonl, write_synthetic_split
 
 
 class RewardScriptEngine(ScriptedEngine):
-    """Turn 1 of prompt ``id`` replies ``\\boxed{<letter>}`` for each letter of ``script[id]`` (one per rollout);
-    turn 2 never boxes a letter, so turn 1 decides the reward. Prompts in ``fail_ids`` make the call raise."""
+    """Turn 2 of prompt ``id`` replies ``\\boxed{<letter>}`` for each letter of ``script[id]`` (one per rollout;
+    the reward scores turn 2 only); turn 1 gives no box. Prompts in ``fail_ids`` make the call raise."""
 
     def __init__(self, bundle, cfg, script: dict[str, str], fail_ids: Sequence[str] = ()) -> None:  # noqa: ANN001
         super().__init__(bundle, cfg, [], "I cannot tell from the crop.")
@@ -38,14 +38,12 @@ class RewardScriptEngine(ScriptedEngine):
         return super().generate_episodes(samples, n, **kw)
 
     def _generate(self, requests, spec, n):  # noqa: ANN001, ANN202
-        if all(len(r.images) == 1 for r in requests):  # turn 1
-            out = []
-            for sample in self._current:
-                letters = self.script[sample.id]
-                assert len(letters) == n, "script one letter per rollout"
-                out.append([self._encode(f"\\boxed{{{x}}}", True) for x in letters])
-            return out
-        return [[self._encode(self.turn2, True) for _ in range(n)] for _ in requests]
+        if all(len(r.images) == 1 for r in requests):  # turn 1: n rollouts per prompt, none boxes an area
+            return [[self._encode(self.turn2, True) for _ in range(n)] for _ in requests]
+        # turn 2: one request per episode, in prompt order, rollouts in order
+        letters = [x for sample in self._current for x in self.script[sample.id]]
+        assert len(letters) == len(requests) and n == 1, "script one letter per rollout"
+        return [[self._encode(f"\\boxed{{{x}}}", True)] for x in letters]
 
 
 @pytest.fixture(scope="module")
