@@ -19,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -375,33 +374,24 @@ def pretrain_base(
     return out
 
 
+def _complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+
+
 def base_model_dir(cache_root: str | Path, seed: int = 0, recipe: BaseRecipe | None = None, **kw: Any) -> Path:
     """``<cache_root>/base-qwen2.5-vl-<version>-<recipe digest>-seed<seed>``, pre-trained once if absent.
 
-    Built in a temporary sibling renamed into place under a lock (concurrent callers wait, then reuse it).
+    Built through :func:`~mgpo_core.modeling.tiny.build_atomically` (temporary sibling renamed into place under a
+    lock: concurrent callers wait, then reuse it).
     """
     recipe = recipe or BaseRecipe()
-    root = Path(cache_root).expanduser()
-    final = root / f"base-qwen2.5-vl-{BASE_BUILDER_VERSION}-{recipe.digest()}-seed{seed}"
-    done = lambda p: (p / MANIFEST).is_file() and (p / "model.safetensors").is_file()  # noqa: E731
-    if done(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with tiny._exclusive_lock(root / f".{final.name}.lock"):
-        if done(final):
-            return final
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        os.chmod(tmp, 0o755)
-        try:
-            shutil.rmtree(tmp)
-            pretrain_base(tmp, seed=seed, recipe=recipe, **kw)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = Path(cache_root).expanduser() / f"base-qwen2.5-vl-{BASE_BUILDER_VERSION}-{recipe.digest()}-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        shutil.rmtree(tmp)  # pretrain_base wants a fresh directory
+        pretrain_base(tmp, seed=seed, recipe=recipe, **kw)
+
+    return tiny.build_atomically(final, build, is_complete=_complete)
 
 
 SHIPPED_DIR = Path(__file__).with_name("weights")
@@ -418,7 +408,7 @@ def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | 
         return None
     if note.get("builder_version") != BASE_BUILDER_VERSION or note.get("recipe_digest") != recipe.digest():
         return None
-    return path if (path / "model.safetensors").is_file() else None
+    return path if _complete(path) else None
 
 
 def base_model_for(cache_root: str | Path, seed: int = 0, **kw: Any) -> Path:
