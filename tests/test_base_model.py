@@ -95,3 +95,18 @@ def test_a_shortened_build_still_learns_and_loads_through_the_stock_loader(tmp_p
 
     bundle = load_bundle(out)
     assert sum(p.numel() for p in bundle.model.parameters()) == note["parameters"]
+
+
+def test_base_model_dir_builds_once_into_a_recipe_keyed_folder_and_reuses_it(tmp_path):
+    recipe = base.BaseRecipe(
+        stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),), batch_size=4, scenes=8, mark_levels=(0.7,)
+    )
+    lines: list[str] = []
+    path = base.base_model_dir(tmp_path, 0, recipe=recipe, progress=False, log=lines.append)
+    assert path.name == f"base-qwen2.5-vl-{base.BASE_BUILDER_VERSION}-{recipe.digest()}-seed0"
+    built = len(lines)
+    assert base.base_model_dir(tmp_path, 0, recipe=recipe, progress=False, log=lines.append) == path
+    assert len(lines) == built  # reused, not rebuilt
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{path.name}.") and p.is_dir()]
+    other = base.BaseRecipe(stages=recipe.stages, batch_size=4, scenes=9, mark_levels=(0.7,))
+    assert other.digest() != recipe.digest()
