@@ -86,6 +86,9 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa:
         from tasks.validate import state_identity, store_identity, validated_key
 
         params = dict(params)
+        # The pipeline's MLflow parent run only says where the stage's run is nested: a new parent (any config
+        # change makes one) must not invalidate a finished upstream stage whose own inputs did not change.
+        params.pop("parent_run_id", None)
         cfg_obj = None
         if "preset" in params and "overrides" in params:
             cfg_obj = load_cfg(params.pop("preset"), params.pop("overrides"))

@@ -272,7 +272,7 @@ def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
 
 @task(
     name="register",
-    cache_key_fn=stage_cache_key("register"),
+    cache_key_fn=stage_cache_key("register", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3600,
     **RETRY,

@@ -39,9 +39,9 @@ SETS = [
 ]
 
 
-def run_pipeline(state: Path, *, fail: str | None = None) -> subprocess.CompletedProcess:
+def run_pipeline(state: Path, *, fail: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mgpo_core.cli", "run", "--set", f"state_dir={state}"]
-    for s in SETS:
+    for s in (*SETS, *extra):
         cmd += ["--set", s]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
     env.update(MGPO_TASK_RETRIES="0", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
@@ -131,6 +131,11 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
     assert rerun["tags"].pop("mgpo.dataset_hash") == next((state / "datasets").iterdir()).name
     clean["tags"].pop("mgpo.dataset_hash")
     assert rerun == clean, "the rerun must end where a clean run ends (same weights digest, scores, aliases)"
+    # A changed evaluation setting (e.g. after fixing a benchmark path) redoes only evaluation and promotion:
+    # the new pipeline parent run must not invalidate the finished upstream stages.
+    p = run_pipeline(state, extra=("evaluation.limit=3",))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert executions(state) == {"filter": 1, "train": 1, "register": 1, "evaluate": 3, "promote": 2}
 
 
 def _mgpo(*args: str) -> subprocess.CompletedProcess:
