@@ -28,10 +28,9 @@ def measure(engine_name: str, dtype: str, args, tmp: Path) -> dict:  # noqa: ANN
 
     from mgpo_core.config import load_config
     from mgpo_core.data.synthetic import iter_synthetic_samples
-    from mgpo_core.episodes import PromptTemplates
     from mgpo_core.modeling.loading import load_bundle
     from mgpo_core.modeling.tiny import tiny_model_dir
-    from mgpo_core.rollout import ENGINES, RolloutSettings
+    from mgpo_core.rollout import ENGINES
     from mgpo_core.rollout.hf import HFRolloutEngine
     from mgpo_core.training.trainer import UpdateSettings
 
@@ -48,14 +47,7 @@ def measure(engine_name: str, dtype: str, args, tmp: Path) -> dict:  # noqa: ANN
     bundle = load_bundle(model_dir, dtype=dtype)
     samples = list(iter_synthetic_samples(tmp / "synth", args.samples, seed=0, width=900, height=600))
     if engine_name == "hf":
-        eng = HFRolloutEngine(
-            bundle.model,
-            bundle.tokenizer,
-            bundle.image_processor,
-            bundle.special,
-            PromptTemplates.from_config(cfg.rollout),
-            RolloutSettings.from_config(cfg),
-        )
+        eng = HFRolloutEngine.for_bundle(bundle, cfg)
         episodes = eng.generate_episodes(samples, n=args.n, seed=1)
     else:
         eng = ENGINES["vllm"](model_dir=model_dir, bundle=bundle, cfg=cfg, max_model_len=4096)

@@ -91,10 +91,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
     from mgpo_core.data.synthetic import iter_synthetic_samples, synthetic_options
-    from mgpo_core.episodes import PromptTemplates
     from mgpo_core.logprobs import collate_episodes, token_logprobs
     from mgpo_core.modeling.loading import load_bundle, model_dir_for
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
     from mgpo_core.training.metrics import logprob_gap
 
@@ -115,14 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             **synthetic_options(cfg),
         )
     )
-    engine = HFRolloutEngine(
-        bundle.model,
-        bundle.tokenizer,
-        bundle.image_processor,
-        bundle.special,
-        PromptTemplates.from_config(cfg.rollout),
-        RolloutSettings.from_config(cfg),
-    )
+    engine = HFRolloutEngine.for_bundle(bundle, cfg)
     t1 = time.perf_counter()
     episodes = engine.generate_episodes(samples, n=args.n, seed=cfg.algorithm.seed)
     t_roll = time.perf_counter() - t1

@@ -39,16 +39,13 @@ class HFCheckpointModel(mlflow.pyfunc.PythonModel):
     def _engine_for(self):  # noqa: ANN202
         if self._engine is None:
             from mgpo_core.config import load_config
-            from mgpo_core.episodes import PromptTemplates
             from mgpo_core.modeling.loading import load_bundle
-            from mgpo_core.rollout import RolloutSettings
             from mgpo_core.rollout.hf import HFRolloutEngine
 
             own = Path(self.model_dir) / "mgpo_config.yaml"  # the training run's prompts, written at export
             cfg = load_config(own if own.exists() else "tiny-cpu")
             b = load_bundle(self.model_dir)
-            self._engine = HFRolloutEngine(b.model, b.tokenizer, b.image_processor, b.special,
-                                           PromptTemplates.from_config(cfg.rollout), RolloutSettings.from_config(cfg))
+            self._engine = HFRolloutEngine.for_bundle(b, cfg)
         return self._engine
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201

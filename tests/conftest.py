@@ -54,16 +54,7 @@ def synthetic_samples(tmp_path_factory):
 
 @pytest.fixture()
 def hf_engine(tiny_bundle, tiny_cfg):
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     b = tiny_bundle
-    return HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(tiny_cfg.rollout),
-        RolloutSettings.from_config(tiny_cfg),
-    )
+    return HFRolloutEngine.for_bundle(b, tiny_cfg)

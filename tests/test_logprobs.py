@@ -14,19 +14,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def episodes(tiny_bundle, tiny_cfg, synthetic_samples):
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     b = tiny_bundle
-    eng = HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(tiny_cfg.rollout),
-        RolloutSettings.from_config(tiny_cfg),
-    )
+    eng = HFRolloutEngine.for_bundle(b, tiny_cfg)
     return eng.generate_episodes(synthetic_samples[:2], n=2, seed=3)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scripted import box_reply
 
-from mgpo_core.episodes import PromptTemplates, encode_image
+from mgpo_core.episodes import encode_image
 from mgpo_core.imaging import crop_and_enlarge, open_image, overview_size, resize_for_model
 from mgpo_core.rollout import ENGINES, GenerationRequest, GenerationResult, SamplingSpec, resolve_engine_name
 from mgpo_core.rollout import vllm_available as _vllm_available
@@ -419,18 +419,10 @@ def _trained_copy(tiny_dir, cfg, samples):
     from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
     from mgpo_core.logprobs import collate_episodes, token_logprobs
     from mgpo_core.modeling.loading import load_bundle
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     b = load_bundle(tiny_dir)
-    engine = HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(cfg.rollout),
-        RolloutSettings.from_config(cfg),
-    )
+    engine = HFRolloutEngine.for_bundle(b, cfg)
     eps = engine.generate_episodes(samples[:2], n=2, seed=0)
     rewards = torch.tensor([float(i % 2) for i in range(len(eps))])
     adv = grpo_advantages(rewards, [e.group for e in eps])

@@ -53,20 +53,11 @@ def _gaps(model, episodes, settings):  # noqa: ANN001, ANN202
 def test_hf_engine_at_temperature_07_samples_the_distribution_the_trainer_scores(
     tiny_bundle, synthetic_samples
 ):
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     cfg = load_config("tiny-cpu", SMALL)
     b = tiny_bundle
-    eng = HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(cfg.rollout),
-        RolloutSettings.from_config(cfg),
-    )
+    eng = HFRolloutEngine.for_bundle(b, cfg)
     episodes = eng.generate_episodes(synthetic_samples[:2], n=2, seed=5)
     d, raw = _gaps(b.model, episodes, UpdateSettings.from_config(cfg, b.special))
     print(

@@ -53,20 +53,11 @@ BASE = [
 def mini_batch(tiny_bundle, synthetic_samples):
     """Eight two-turn episodes (4 prompts × 2) of different lengths from the HF engine; advantages of both signs."""
     from mgpo_core.algorithms import grpo_advantages
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     cfg = load_config("tiny-cpu", BASE)
     b = tiny_bundle
-    eng = HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(cfg.rollout),
-        RolloutSettings.from_config(cfg),
-    )
+    eng = HFRolloutEngine.for_bundle(b, cfg)
     episodes = eng.generate_episodes((synthetic_samples * 2)[:4], n=2, seed=5)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
     adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]))

@@ -63,20 +63,11 @@ SETUPS = [
 def mini_batch(tiny_dir, tiny_bundle, synthetic_samples, tmp_path_factory):
     """Eight two-turn episodes (4 prompts × 2) from the HF engine, with advantages of both signs."""
     from mgpo_core.algorithms import grpo_advantages
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     cfg = load_config("tiny-cpu", [f"{k}={v}" for k, v in BASE.items()])
     b = tiny_bundle
-    eng = HFRolloutEngine(
-        b.model,
-        b.tokenizer,
-        b.image_processor,
-        b.special,
-        PromptTemplates.from_config(cfg.rollout),
-        RolloutSettings.from_config(cfg),
-    )
+    eng = HFRolloutEngine.for_bundle(b, cfg)
     samples = (synthetic_samples * 2)[:4]
     episodes = eng.generate_episodes(samples, n=2, seed=11)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])

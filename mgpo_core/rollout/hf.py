@@ -45,6 +45,19 @@ class HFRolloutEngine(RolloutEngine):
         self.batch_size = batch_size
         self._suppress = special.non_text_ids()
 
+    @classmethod
+    def for_bundle(cls, bundle, cfg, **kw) -> HFRolloutEngine:  # noqa: ANN001, ANN003 - ModelBundle, MGPOConfig
+        """The engine on a loaded checkpoint with the config's prompt templates and rollout settings."""
+        return cls(
+            bundle.model,
+            bundle.tokenizer,
+            bundle.image_processor,
+            bundle.special,
+            PromptTemplates.from_config(cfg.rollout),
+            RolloutSettings.from_config(cfg),
+            **kw,
+        )
+
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters())
         missing = []
