@@ -448,6 +448,18 @@ class LossCoefficients:
     kl_clamp: float = 10.0
     """Per-token bound on the ``low_var_kl`` estimate."""
 
+    @classmethod
+    def from_algorithm(cls, a) -> LossCoefficients:  # noqa: ANN001 - the config's AlgorithmConfig
+        """The coefficients of a config's ``algorithm`` section."""
+        return cls(
+            kl_coef=a.kl_coef,
+            entropy_coef=a.entropy_coef,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            kl_estimator=a.kl_estimator,
+            kl_clamp=a.kl_clamp,
+        )
+
     def __post_init__(self) -> None:
         for name in ("kl_coef", "entropy_coef", "clip_high", "kl_clamp"):
             value = getattr(self, name)

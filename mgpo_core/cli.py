@@ -123,15 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     adv = grpo_advantages(rewards, torch.tensor([ep.group for ep in episodes]), eps=cfg.algorithm.adv_eps)
     batch = collate_episodes(episodes, bundle.model, bundle.special.pad)
     logp, ent = token_logprobs(bundle.model, batch, with_entropy=True)
-    a = cfg.algorithm
-    coefs = LossCoefficients(
-        kl_coef=a.kl_coef,
-        entropy_coef=a.entropy_coef,
-        clip_low=a.clip_low,
-        clip_high=a.clip_high,
-        kl_estimator=a.kl_estimator,
-        kl_clamp=a.kl_clamp,
-    )
+    coefs = LossCoefficients.from_algorithm(cfg.algorithm)
     loss, metrics = mgpo_loss(logp, logp.detach(), logp.detach(), adv, batch.loss_mask, ent, coefs)
     loss.backward()
     gap = logprob_gap(episodes, logp.detach(), batch.loss_mask)

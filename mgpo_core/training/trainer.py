@@ -191,14 +191,7 @@ class UpdateSettings:
     def from_config(cls, cfg: MGPOConfig, special) -> UpdateSettings:  # noqa: ANN001 - SpecialTokens
         a = cfg.algorithm
         return cls(
-            coefs=LossCoefficients(
-                kl_coef=a.kl_coef,
-                entropy_coef=a.entropy_coef,
-                clip_low=a.clip_low,
-                clip_high=a.clip_high,
-                kl_estimator=a.kl_estimator,
-                kl_clamp=a.kl_clamp,
-            ),
+            coefs=LossCoefficients.from_algorithm(a),
             micro_batch_size=a.micro_batch_size,
             pad_id=special.pad,
             temperature=cfg.rollout.temperature,
