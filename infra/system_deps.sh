@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs (with apt) the system packages that the browser and PostgreSQL tests need, only those missing:
-# chromium + chromium-driver (headless UI test) and postgresql (MLflow on a real PostgreSQL).
+# Installs (with apt) the system packages that the browser, PostgreSQL and multi-node tests need, only those
+# missing: chromium + chromium-driver (headless UI test), postgresql (MLflow on a real PostgreSQL), and
+# openssh-server + pdsh (DeepSpeed's multi-node launcher over SSH to 127.0.0.1; the test starts its own sshd
+# with its own keys and config, the system's sshd is never started or configured).
 # Idempotent: exits 0 at once when everything is present. Set MGPO_SKIP_SYSTEM_DEPS=1 to skip it entirely
-# (the two tests then skip themselves with a reason). Usage: bash infra/system_deps.sh
+# (the tests that need them then skip themselves with a reason). Usage: bash infra/system_deps.sh
 set -euo pipefail
 
 if [ "${MGPO_SKIP_SYSTEM_DEPS:-0}" = 1 ]; then
-  echo "system_deps: skipped (MGPO_SKIP_SYSTEM_DEPS=1); the browser and PostgreSQL tests will skip" >&2
+  echo "system_deps: skipped (MGPO_SKIP_SYSTEM_DEPS=1); the browser, PostgreSQL and multi-node tests will skip" >&2
   exit 0
 fi
 
@@ -16,6 +18,8 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 have_initdb || missing+=(postgresql)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+[ -x /usr/bin/pdsh ] || missing+=(pdsh)
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
@@ -39,8 +43,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-# Debian's postgresql package tries to start a default cluster: in a container without an init system that
-# fails the install, and the tests start their own throwaway cluster anyway. policy-rc.d exit 101 forbids it.
+# Debian's postgresql and openssh-server packages try to start their service (a default cluster, the system
+# sshd): in a container without an init system that fails the install, and the tests start their own throwaway
+# server anyway. policy-rc.d exit 101 forbids it.
 policy=/usr/sbin/policy-rc.d
 made_policy=0
 if [ ! -e "$policy" ]; then
@@ -61,6 +66,8 @@ still=()
 [ -x /usr/bin/chromium ] || still+=(chromium)
 [ -x /usr/bin/chromedriver ] || still+=(chromium-driver)
 have_initdb || still+=(postgresql)
+[ -x /usr/sbin/sshd ] || still+=(openssh-server)
+[ -x /usr/bin/pdsh ] || still+=(pdsh)
 if [ "${#still[@]}" -gt 0 ]; then
   echo "system_deps: apt finished but ${still[*]} still missing" >&2
   exit 1

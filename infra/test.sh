@@ -5,7 +5,8 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash infra/setup_env.sh || { echo "test.sh: environment set-up failed" >&2; exit 1; }
-# System packages the browser and PostgreSQL tests need (chromium, chromium-driver, postgresql).
+# System packages the browser, PostgreSQL and multi-node tests need (chromium, chromium-driver, postgresql,
+# openssh-server, pdsh).
 if [ -f infra/system_deps.sh ]; then bash infra/system_deps.sh || { echo "test.sh: system packages failed" >&2; exit 1; }; fi
 py="${MGPO_VENV:-$root/.venv}/bin/python"
 export DS_ACCELERATOR=cpu MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
