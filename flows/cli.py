@@ -101,9 +101,13 @@ def print_summary(
     champ = "this version" if promo["promoted"] else f"v{promo['champion_before']} (unchanged)"
     print(f"model      {reg['model_name']} v{reg['version']} (alias challenger); champion: {champ}")
     print(f"           {promo['reason']}")
+    base = (summary.get("baseline") or {}).get("metrics", {})
+    if base:
+        print(f"{'':11}{'':34}{'base':>8}{'trained':>9}")
     for k, v in sorted(ev["metrics"].items()):
         if k.count("/") <= 2:
-            print(f"metric     {k} = {v:.4f}")
+            b = f"{base[k]:8.4f}" if k in base else f"{'':8}"
+            print(f"metric     {k:<34}{b} {v:8.4f}" if base else f"metric     {k} = {v:.4f}")
     if ev.get("pictures"):
         print(f"pictures   {ev['pictures'][0]}")
     print(

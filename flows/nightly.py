@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.common import input_fingerprint
 from tasks.console import attach as console_attach
 from tasks.stages import (
+    baseline_task,
     evaluate_task,
     filter_task,
     pipeline_run_task,
@@ -56,13 +57,15 @@ def nightly(
         key="evaluation",
         description=f"Evaluation of {reg['model_name']} v{reg['version']}",
     )
-    promo = promote_task(preset, overrides, reg, ev)
+    base = baseline_task(preset, overrides, dataset.get("eval_path"), parent)
+    promo = promote_task(preset, overrides, reg, ev, base)
     summary = {
         "pipeline_run_id": parent,
         "dataset": dataset,
         "train": {k: train.get(k) for k in ("run_dir", "steps_done", "mlflow_run_id", "hf_export")},
         "registration": reg,
         "evaluation": ev,
+        "baseline": base,
         "promotion": promo,
     }
     log.info("pipeline done: %s v%s, promoted=%s", reg["model_name"], reg["version"], promo["promoted"])

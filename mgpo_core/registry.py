@@ -154,10 +154,17 @@ class PromotionDecision:
 
 
 def promote_if_better(
-    tracking_uri: str, model_name: str, version: str, metric: str, *, min_improvement: float = 0.0
+    tracking_uri: str,
+    model_name: str,
+    version: str,
+    metric: str,
+    *,
+    min_improvement: float = 0.0,
+    baseline_score: float | None = None,
 ) -> PromotionDecision:
     """Move ``champion`` to ``version`` iff its ``metric`` tag beats the current champion's by more than
-    ``min_improvement`` (a missing champion always loses; a version without the score is never promoted)."""
+    ``min_improvement``. With no champion yet, the bar is ``baseline_score`` (the model training started from)
+    when given, else none; a version without the score is never promoted."""
     client = MlflowClient(tracking_uri)
     new = client.get_model_version(model_name, version)
     new_score = _score(new.tags, metric)
@@ -179,6 +186,15 @@ def promote_if_better(
                                      f"not compared with champion v{champ_version}: {why_not}; re-evaluate it "
                                      f"with the same settings (`mgpo eval --model-name {model_name} "
                                      f"--model-version {champ_version} ...`) or move the alias by hand")
+    if champ is None and baseline_score is not None:
+        if new_score > baseline_score + min_improvement:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+            return PromotionDecision(True, version, None, metric, new_score, None,
+                                     f"no champion yet; beats the base model: {new_score:.4f} > "
+                                     f"{baseline_score:.4f} + {min_improvement}")
+        return PromotionDecision(False, version, None, metric, new_score, None,
+                                 f"no champion yet, and {new_score:.4f} does not beat the base model "
+                                 f"({baseline_score:.4f}) by more than {min_improvement}")
     if champ is None or champ_score is None or new_score > champ_score + min_improvement:
         client.set_registered_model_alias(model_name, CHAMPION, version)
         why = "no champion yet" if champ is None else f"{new_score:.4f} > {champ_score or 0:.4f} + {min_improvement}"

@@ -330,44 +330,80 @@ def evaluate_task(
     parent_run_id: str | None,
 ) -> dict[str, Any]:
     """Evaluate the registered version on every configured benchmark; scores go to MLflow and onto the version."""
+    cfg = load_cfg(preset, overrides)
+    record_execution(cfg, "evaluate", version=registration["version"])
+    maybe_inject_failure("evaluate")
+    name = f"{registration['model_name']}-v{registration['version']}"
+    return _evaluate_model(
+        cfg, registration["hf_export"], name, eval_path, parent_run_id, f"evaluate-v{registration['version']}",
+        model_name=registration["model_name"], model_version=registration["version"],
+    )
+
+
+@task(
+    name="baseline",
+    cache_key_fn=stage_cache_key("baseline", ("optimizer", "deepspeed", "checkpoint", "algorithm")),
+    persist_result=True,
+    timeout_seconds=12 * 3600,
+    **RETRY,
+)
+@staged("baseline")
+def baseline_task(preset: str, overrides: list[str], eval_path: str | None, parent_run_id: str | None) -> dict:
+    """Evaluate the model training starts from, as the trained version will be (the bar it must clear).
+
+    Cached on the starting model and the evaluation settings, so it runs once per base model, not per run.
+    """
+    from mgpo_core.modeling.loading import model_dir_for
+
+    cfg = load_cfg(preset, overrides)
+    record_execution(cfg, "baseline")
+    maybe_inject_failure("baseline")
+    model_dir = model_dir_for(cfg)
+    out = _evaluate_model(cfg, str(model_dir), f"base-{Path(model_dir).name}", eval_path, parent_run_id, "baseline",
+                          label="base")  # fmt: skip
+    out["model_dir"] = str(model_dir)
+    return out
+
+
+def _evaluate_model(
+    cfg,  # noqa: ANN001
+    model_dir: str,
+    name: str,
+    eval_path: str | None,
+    parent_run_id: str | None,
+    run_name: str,
+    *,
+    model_name: str | None = None,
+    model_version: str | None = None,
+    label: str = "evaluate",
+) -> dict[str, Any]:
+    """Run every configured benchmark on ``model_dir`` into ``<state>/eval/<name>``, log them to an MLflow run
+    nested under the pipeline run (and onto the model version when given); returns metrics and where they are."""
+    from mlflow.tracking import MlflowClient
+
     from mgpo_core.evaluation.mlflow_log import log_eval_results
     from mgpo_core.evaluation.runner import evaluate
 
     log = get_run_logger()
-    cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "evaluate", version=registration["version"])
-    maybe_inject_failure("evaluate")
-    out_root = Path(cfg.state_dir) / "eval" / f"{registration['model_name']}-v{registration['version']}"
-    engine = make_engine(cfg, registration["hf_export"])
+    out_root = Path(cfg.state_dir) / "eval" / name
+    engine = make_engine(cfg, model_dir)
     results = []
     try:
         for bench in cfg.evaluation.benchmarks:
             data_path = cfg.evaluation.data_paths.get(bench) or (eval_path if bench == "synthetic" else None)
             res = evaluate(
-                cfg,
-                bench,
-                engine,
-                out_root / bench,
-                limit=cfg.evaluation.limit,
-                mode=cfg.evaluation.mode,
-                data_path=data_path,
-                progress=False,
-            )
-            log.info("eval %s: %s", bench, json.dumps(res.metrics))
-            progress(f"evaluate  {bench}: overall {res.metrics.get('overall', float('nan')):.4f}")
+                cfg, bench, engine, out_root / bench, limit=cfg.evaluation.limit, mode=cfg.evaluation.mode,
+                data_path=data_path, progress=False,
+            )  # fmt: skip
+            log.info("%s %s: %s", label, bench, json.dumps(res.metrics))
+            progress(f"{label:<9} {bench}: overall {res.metrics.get('overall', float('nan')):.4f}")
             results.append(res)
     finally:
         engine.close()
-    run_id = _start_child_run(cfg, parent_run_id, f"evaluate-v{registration['version']}", "evaluate")
+    run_id = _start_child_run(cfg, parent_run_id, run_name, label)
     log_eval_results(
-        results,
-        tracking_uri=tracking_uri(cfg),
-        run_id=run_id,
-        model_name=registration["model_name"],
-        model_version=registration["version"],
+        results, tracking_uri=tracking_uri(cfg), run_id=run_id, model_name=model_name, model_version=model_version
     )
-    from mlflow.tracking import MlflowClient
-
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id)
     metrics: dict[str, float] = {}
     for r in results:
@@ -389,18 +425,23 @@ def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
 
 @task(name="promote", timeout_seconds=600, **RETRY)
 @staged("promote")
-def promote_task(preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict) -> dict:
-    """Move ``champion`` to the new version only if it beats the current champion on the configured metric."""
+def promote_task(
+    preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict, baseline: dict | None = None
+) -> dict:
+    """Move ``champion`` to the new version only if it beats the current champion on the configured metric (with
+    no champion yet: only if it beats the model training started from)."""
     from mgpo_core.registry import promote_if_better
 
     cfg = load_cfg(preset, overrides)
     record_execution(cfg, "promote", version=registration["version"])
+    metric = cfg.evaluation.promotion_metric
     d = promote_if_better(
         tracking_uri(cfg),
         registration["model_name"],
         registration["version"],
-        cfg.evaluation.promotion_metric,
+        metric,
         min_improvement=cfg.evaluation.min_improvement,
+        baseline_score=(baseline or {}).get("metrics", {}).get(metric),
     )
     progress(f"promote   {'champion is now v' + str(d.version) if d.promoted else 'champion unchanged'}: {d.reason}")
     return {

@@ -174,6 +174,7 @@ VALIDATORS: dict[str, Callable[[MGPOConfig, Any], None]] = {
     "train": check_train,
     "register": check_register,
     "evaluate": check_evaluate,
+    "baseline": check_evaluate,
 }
 
 

@@ -69,6 +69,20 @@ def test_champion_moves_only_when_the_new_version_wins(tiny_dir, store, tmp_path
     assert promote_if_better(store, "m", d_.version, metric).promoted
 
 
+def test_first_champion_must_beat_the_base_model(tiny_dir, store):
+    """With no champion, the bar is the base model's score: a run that did not improve on it is not promoted."""
+    metric = "eval/synthetic/overall"
+    a = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags={})
+    tag_scores(store, "m", a.version, {metric: 0.30})
+    d = promote_if_better(store, "m", a.version, metric, baseline_score=0.30)
+    assert not d.promoted and "does not beat the base model (0.3000)" in d.reason
+    client = MlflowClient(store)
+    assert CHAMPION not in client.get_registered_model("m").aliases
+    d = promote_if_better(store, "m", a.version, metric, baseline_score=0.25, min_improvement=0.01)
+    assert d.promoted and "beats the base model" in d.reason
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == a.version
+
+
 def test_registered_model_loads_and_answers(tiny_dir, store, synthetic_samples):
     import mlflow.pyfunc
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from mgpo_core.modeling import tiny
-from mgpo_core.modeling.base_tasks import TASKS, PretrainItem, SceneSpec, make_item, make_scene
+from mgpo_core.modeling.base_tasks import TASKS, PretrainItem, SceneSpec, make_item, make_scene, square_item
 
-BASE_BUILDER_VERSION = "1"
+BASE_BUILDER_VERSION = "2"
 """Bumped whenever the built weights would change for the same recipe and seed (cache key, manifest)."""
 
 MANIFEST = "mgpo_base.json"
@@ -45,6 +45,14 @@ class Stage:
     lr: float = 1e-3
     marks: tuple[float, ...] = (0.25,)
     """Mark sizes (share of the tag's side) the stage's pictures have: reading starts on big marks."""
+    grids: tuple[int, int, int, int] = (3, 3, 9, 7)
+    """``spot`` scenes' size in visual tokens: (min columns, min rows, max columns, max rows)."""
+    plain: float = 0.0
+    """Share of ``spot`` scenes that show the tag alone on a flat background (no clutter, no decoys)."""
+    box_cells: int = 3
+    """Side of a ``spot`` answer box in grid cells (``locate`` boxes are always 3x3 cells)."""
+    aligned: bool = False
+    """Plain ``spot`` scenes put the tag at the centre of one visual token (the first, sharpest pictures)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,18 @@ class BaseRecipe:
 
     scene: SceneSpec = field(default_factory=SceneSpec)
     stages: tuple[Stage, ...] = (
-        Stage("colour", 60, {"name": 1.0}, marks=(0.7, 0.5)),
-        Stage("name", 80, {"name": 1.0}, marks=(0.5, 0.35, 0.25)),
-        Stage("read", 100, {"name": 0.2, "read": 0.8}, marks=(0.35, 0.25)),
-        Stage("locate", 200, {"read": 0.3, "locate": 0.7}, long_system=True, marks=(0.35, 0.25)),
+        # Where things are, in the order a tiny model can learn it (docs/REPRODUCTION.md): a white square on
+        # pictures of 2x2..5x5 tokens (one-token boxes), then the tag on flat pictures, then cluttered ones,
+        # then the full scene. Straight on the full 9x7-token overview it only ever learns the boxes' prior.
+        Stage("square", 150, {"square": 1.0}, grids=(2, 2, 3, 3)),
+        Stage("square-mid", 100, {"square": 1.0}, grids=(3, 3, 5, 5)),
+        Stage("spot-plain", 150, {"spot": 1.0}, grids=(4, 4, 7, 7), plain=1.0),
+        Stage("spot", 150, {"spot": 1.0}, grids=(4, 3, 9, 7), plain=0.3),
+        Stage("locate", 200, {"spot": 0.3, "locate": 0.7}, grids=(4, 3, 9, 7)),
+        # what things are: colours from close-ups, big marks first
+        Stage("colour", 60, {"name": 0.7, "locate": 0.3}, marks=(0.7, 0.5)),
+        Stage("name", 80, {"name": 0.7, "locate": 0.3}, marks=(0.5, 0.35, 0.25)),
+        Stage("read", 100, {"name": 0.2, "read": 0.5, "locate": 0.3}, marks=(0.35, 0.25)),
         Stage(
             "mixed", 160, {"name": 0.1, "read": 0.3, "locate": 0.35, "read2": 0.25}, long_system=True, marks=(0.25,)
         ),
@@ -223,10 +239,22 @@ def _items(rng: random.Random, pool: _Pool, stage: Stage, n: int) -> list[Pretra
     scenes = [s for s in pool.scenes if any(abs(s.mark_fraction - m) < 1e-9 for m in stage.marks)]
     if not scenes:
         raise ValueError(f"stage {stage.name!r} asks for marks {stage.marks}; the pool has none of them")
-    return [
-        make_item(rng.choices(tasks, weights)[0], rng.choice(scenes), rng, pool.spec, long_system=stage.long_system)
-        for _ in range(n)
-    ]
+    items = []
+    for _ in range(n):
+        task = rng.choices(tasks, weights)[0]
+        if task == "square":
+            c0, r0, c1, r1 = stage.grids
+            items.append(square_item(rng, (rng.randint(c0, c1), rng.randint(r0, r1))))
+            continue
+        if task == "spot":
+            c0, r0, c1, r1 = stage.grids
+            grid = (rng.randint(c0, c1), rng.randint(r0, r1))
+            plain = rng.random() < stage.plain
+            scene = make_scene(rng, pool.spec, rng.choice(stage.marks), grid=grid, plain=plain, aligned=stage.aligned)
+        else:
+            scene = rng.choice(scenes)
+        items.append(make_item(task, scene, rng, pool.spec, long_system=stage.long_system, box_cells=stage.box_cells))
+    return items
 
 
 def _probe(model: Any, encoder: ItemEncoder, probe_sets: dict[str, list[dict[str, Any]]], special: Any) -> dict[str, float]:

@@ -13,6 +13,12 @@ Tasks (each item is one single-turn conversation; only the reply is trained):
   first thing the vision path learns; staged first because mixed tasks starve it of gradient);
 - ``read``: a close-up crop of the tag (cut and enlarged by the very functions the rollout uses) + a question with
   lettered options -> the colour seen, then ``\\boxed{X}`` (e.g. ``red \\boxed{C}``);
+- ``square``: a white square centred on one visual token of a small flat picture -> the box of that token
+  (the first grounding items: a tiny model needs this sharp, few-position task before any other box task
+  depends on the image at all);
+- ``spot``: ``locate`` on a smaller scene drawn at the same scale (a few visual tokens per side): where a
+  tiny model first learns that a box depends on *where* the tag is (on the full 9x7-token overview it only
+  learns the boxes' prior; a curriculum over the scene's size in tokens lets the position circuit form);
 - ``locate``: the overview (resized exactly as the rollout resizes it) + a request to box the small white tag ->
   a fenced ``bbox_2d`` JSON list, coordinates snapped to the 28-px token grid;
 - ``read2``: the overview and a close-up as two images + a question with options -> ``red \\boxed{C}`` (the
@@ -28,17 +34,17 @@ import math
 import random
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mgpo_core.data.schema import LETTERS, format_choices
-from mgpo_core.data.synthetic import VOCABULARY, make_synthetic_image
+from mgpo_core.data.synthetic import VOCABULARY, make_synthetic_image, render_tag
 from mgpo_core.grounding import map_box_to_original
 from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 
 GRID = 28
 """Qwen2.5-VL's merged-patch size: one visual token per 28x28 pixels of the image the model sees."""
 
-TASKS = ("name", "read", "locate", "read2", "guess")
+TASKS = ("square", "spot", "name", "read", "locate", "read2", "guess")
 
 _LOCATE_REQUESTS = (
     "Locate the small white tag. Reply with its bounding box.",
@@ -107,6 +113,21 @@ def grid_box(box: tuple[float, float, float, float], width: int, height: int, ce
     return [x1, y1, x2, y2]
 
 
+def centre_box(box: tuple[float, float, float, float], width: int, height: int, cells: int = 3) -> list[int]:
+    """The ``cells x cells`` block of 28-px grid cells centred on the cell that holds ``box``'s centre (moved
+    inward at the image's edges). One box per cell: which box to answer is a function of the one visual token
+    the object sits on, the mapping a tiny model learns (a tight cover box also depends on where inside its
+    cells the object lies); with ``cells`` 3 it holds any object up to 28 px wide in the image the model sees."""
+    out = []
+    for lo, hi, limit in ((box[0], box[2], width), (box[1], box[3], height)):
+        n = limit // GRID
+        c = min(n - 1, int((lo + hi) / 2 // GRID))
+        a = min(max(0, c - cells // 2), max(0, n - cells))
+        out.append((a * GRID, min(n, a + cells) * GRID))
+    (x1, x2), (y1, y2) = out
+    return [x1, y1, x2, y2]
+
+
 def box_reply(box: list[int], label: str = "small white tag") -> str:
     """Qwen2.5-VL's grounding reply format: a fenced JSON list with one ``bbox_2d`` item."""
     return f'```json\n[{{"bbox_2d": [{box[0]}, {box[1]}, {box[2]}, {box[3]}], "label": "{label}"}}]\n```'
@@ -147,24 +168,77 @@ class SceneSpec:
     kind: str = "colour"
 
 
-def make_scene(seed: str, spec: SceneSpec, mark_fraction: float | None = None) -> Scene:
-    """One picture drawn from ``seed``; ``mark_fraction`` overrides the spec's (the curriculum starts big)."""
-    rng = random.Random(seed)
+def make_scene(
+    seed: str | random.Random,
+    spec: SceneSpec,
+    mark_fraction: float | None = None,
+    grid: tuple[int, int] | None = None,
+    plain: bool = False,
+    aligned: bool = False,
+) -> Scene:
+    """One picture drawn from ``seed``; ``mark_fraction`` overrides the spec's (the curriculum starts big).
+
+    ``grid`` = (columns, rows): a smaller scene drawn at the spec's scale whose overview is exactly that many
+    visual tokens (the ``spot`` task's size curriculum); the tag has the same size in the overview as in a
+    full scene. ``plain``: the tag alone on a flat background (the curriculum's first pictures); ``aligned``
+    (with ``plain`` and ``grid``): the tag centred on one visual token.
+    """
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     mark = spec.mark_fraction if mark_fraction is None else mark_fraction
-    img, target = make_synthetic_image(
-        rng,
-        spec.width,
-        spec.height,
-        kind=spec.kind,
-        overview_max_pixels=spec.max_pixels,
-        min_target_px=spec.min_target_px,
-        mark_fraction=mark,
-        decoys=spec.decoys,
-    )
-    overview = resize_for_model(img, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    width, height, max_px, decoys = spec.width, spec.height, spec.max_pixels, spec.decoys
+    if grid is not None:
+        scale = math.sqrt(spec.max_pixels / (spec.width * spec.height))
+        width, height = round(grid[0] * GRID / scale), round(grid[1] * GRID / scale)
+        max_px, decoys = grid[0] * grid[1] * GRID * GRID, rng.randint(0, spec.decoys)
+    if plain:
+        img, target = _plain_scene(rng, width, height, spec, mark, grid if aligned else None)
+    else:
+        img, target = make_synthetic_image(
+            rng,
+            width,
+            height,
+            kind=spec.kind,
+            overview_max_pixels=max_px,
+            min_target_px=spec.min_target_px,
+            mark_fraction=mark,
+            decoys=decoys,
+        )
+    if grid is None:
+        overview = resize_for_model(img, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    else:
+        overview = img.resize((grid[0] * GRID, grid[1] * GRID), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=92, subsampling=0)
     return Scene(overview, buf.getvalue(), img.size, tuple(target["box"]), target["value"], mark)
+
+
+def _plain_scene(
+    rng: random.Random, width: int, height: int, spec: SceneSpec, mark: float, grid: tuple[int, int] | None
+) -> tuple[Image.Image, dict]:
+    """The white tag alone on a flat muted background, placed as the generator places it (or, given the
+    overview's ``grid``, centred on one of its cells)."""
+    side = spec.min_target_px
+    img = Image.new("RGB", (width, height), tuple(rng.randint(60, 175) for _ in range(3)))
+    value = rng.choice(VOCABULARY[spec.kind])
+    if grid is None:
+        x, y = rng.randint(side, width - 2 * side), rng.randint(side, height - 2 * side)
+    else:
+        sx, sy = width / (grid[0] * GRID), height / (grid[1] * GRID)
+        c, r = rng.randrange(grid[0]), rng.randrange(grid[1])
+        x = min(width - side, max(0, round((c * GRID + GRID / 2) * sx - side / 2)))
+        y = min(height - side, max(0, round((r * GRID + GRID / 2) * sy - side / 2)))
+    img.paste(render_tag(spec.kind, value, side, mark_fraction=mark), (x, y))
+    return img, {"value": value, "box": (x, y, x + side, y + side)}
+
+
+def square_item(rng: random.Random, grid: tuple[int, int]) -> PretrainItem:
+    """A flat ``grid``-token picture with a 20-px white square inside one token; the reply boxes that token."""
+    cols, rows = grid
+    img = Image.new("RGB", (cols * GRID, rows * GRID), tuple(rng.randint(40, 160) for _ in range(3)))
+    c, r = rng.randrange(cols), rng.randrange(rows)
+    ImageDraw.Draw(img).rectangle((c * GRID + 4, r * GRID + 4, c * GRID + 23, r * GRID + 23), fill=(250, 250, 250))
+    box = [c * GRID, r * GRID, (c + 1) * GRID, (r + 1) * GRID]
+    return PretrainItem("square", "", [img], "Box the white square.", box_reply(box, "white square"), box=tuple(box))
 
 
 @dataclass
@@ -220,12 +294,15 @@ def _question_block(rng: random.Random, value: str) -> tuple[str, str]:
     return f"{block}\n{rng.choice(_READ_TAILS)}", letter
 
 
-def make_item(task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, long_system: bool) -> PretrainItem:
-    """One item of ``task`` on ``scene`` (see the module docstring)."""
+def make_item(
+    task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, long_system: bool, box_cells: int = 3
+) -> PretrainItem:
+    """One item of ``task`` on ``scene`` (see the module docstring); ``box_cells``: side of a ``spot`` box in
+    grid cells (the curriculum starts with the one cell the tag is centred on)."""
     system = system_prompt(rng) if long_system else ""
-    if task == "locate":
+    if task in ("locate", "spot"):
         w, h = scene.overview.size
-        box = grid_box(scene.tag_box_overview(), w, h)
+        box = centre_box(scene.tag_box_overview(), w, h, cells=box_cells if task == "spot" else 3)
         return PretrainItem(task, system, [scene.overview], rng.choice(_LOCATE_REQUESTS), box_reply(box), box=tuple(box))
     if task == "name":
         crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
