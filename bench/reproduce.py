@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and held-out splits")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm", "auto"])
-    p.add_argument("--preset", default="tiny-cpu")
+    p.add_argument("--preset", default="tiny-base-cpu")
     p.add_argument("--state", default=str(ROOT / ".mgpo"), help="state folder (base model cache, data, MLflow)")
     p.add_argument("--out", default=str(ROOT / ".mgpo" / "reproduce"))
     p.add_argument("--window", type=int, default=5, help="steps averaged for first/last figures and curves")

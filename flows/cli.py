@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from mgpo_core.config import DEFAULT_PRESET
+
 
 def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
     """Point Prefect and MLflow at the local servers when they run; returns (prefect_url, mlflow_url)."""
@@ -52,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.nightly import nightly
 
         t0 = time.perf_counter()
-        summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+        summary = nightly(preset=args.preset or DEFAULT_PRESET, overrides=overrides, inputs=args.inputs)
         print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
         return 0
     import shlex
@@ -65,11 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with clean_console(cfg.state_dir) as console:
         where = f"Prefect {prefect_url}" if prefect_url else "Prefect ephemeral API"
         console.say(
-            f"MGPO pipeline ({args.preset or 'tiny-cpu'}; {where}; MLflow {mlflow_url or 'SQLite store'})\n"
+            f"MGPO pipeline ({args.preset or DEFAULT_PRESET}; {where}; MLflow {mlflow_url or 'SQLite store'})\n"
             f"  logs      {console.dir}/<stage>.log"
         )
         try:
-            summary = nightly(preset=args.preset or "tiny-cpu", overrides=overrides, inputs=args.inputs)
+            summary = nightly(preset=args.preset or DEFAULT_PRESET, overrides=overrides, inputs=args.inputs)
         except Exception as e:  # noqa: BLE001 - reported as one paragraph; the traceback is in the log
             import traceback
 

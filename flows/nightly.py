@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from mgpo_core.config import DEFAULT_PRESET
 from tasks.common import input_fingerprint
 from tasks.console import attach as console_attach
 from tasks.stages import (
@@ -38,7 +39,7 @@ def _report_markdown(dataset: dict[str, Any]) -> str:
 
 @flow(name="mgpo-nightly", log_prints=True)
 def nightly(
-    preset: str = "tiny-cpu", overrides: list[str] | None = None, inputs: list[str] | None = None
+    preset: str = DEFAULT_PRESET, overrides: list[str] | None = None, inputs: list[str] | None = None
 ) -> dict:
     """Run the whole pipeline; returns a summary (dataset, training, model version, scores, promotion)."""
     overrides, inputs = list(overrides or []), list(inputs or [])
@@ -74,14 +75,14 @@ def nightly(
 
 @flow(name="mgpo-filter")
 def filter_flow(
-    preset: str = "tiny-cpu", overrides: list[str] | None = None, inputs: list[str] | None = None
+    preset: str = DEFAULT_PRESET, overrides: list[str] | None = None, inputs: list[str] | None = None
 ) -> dict:
     inputs = list(inputs or [])
     return filter_task(preset, list(overrides or []), inputs, None, input_fingerprint(inputs))
 
 
 @flow(name="mgpo-train")
-def train_flow(dataset_dir: str, preset: str = "tiny-cpu", overrides: list[str] | None = None) -> dict:
+def train_flow(dataset_dir: str, preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> dict:
     from pathlib import Path
 
     return train_task(
@@ -94,7 +95,7 @@ def train_flow(dataset_dir: str, preset: str = "tiny-cpu", overrides: list[str] 
 
 @flow(name="mgpo-register")
 def register_flow(
-    hf_export: str, dataset_hash: str = "", preset: str = "tiny-cpu", overrides: list[str] | None = None
+    hf_export: str, dataset_hash: str = "", preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
 ) -> dict:
     return register_task(
         preset, list(overrides or []), {"hf_export": hf_export, "dataset_hash": dataset_hash}, None
@@ -107,7 +108,7 @@ def evaluate_flow(
     version: str,
     hf_export: str,
     eval_path: str | None = None,
-    preset: str = "tiny-cpu",
+    preset: str = DEFAULT_PRESET,
     overrides: list[str] | None = None,
 ) -> dict:
     reg = {"model_name": model_name, "version": version, "hf_export": hf_export}

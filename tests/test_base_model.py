@@ -61,6 +61,40 @@ def test_grid_boxes_cover_the_tag_on_the_token_grid_and_are_always_valid():
         assert g.valid, (box, g.reason)
 
 
+def test_centre_boxes_are_one_3x3_block_per_token_that_holds_the_tag_and_parses():
+    rng = random.Random(2)
+    for _ in range(300):
+        w, h = rng.choice([(252, 196), (224, 224), (112, 140)])
+        side = rng.uniform(8, 28)
+        x, y = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        box = base_tasks.centre_box((x, y, x + side, y + side), w, h)
+        assert all(v % GRID == 0 for v in box) and box[2] - box[0] == box[3] - box[1] == 3 * GRID
+        assert box[0] <= x and box[1] <= y and x + side <= box[2] and y + side <= box[3]
+        # the box depends only on the token under the tag's centre
+        cx, cy = int((x + side / 2) // GRID), int((y + side / 2) // GRID)
+        centre = (cx * GRID + 14 - side / 2, cy * GRID + 14 - side / 2)
+        assert base_tasks.centre_box((*centre, centre[0] + side, centre[1] + side), w, h) == box
+        g = parse_grounding_box(base_tasks.box_reply(box), w, h, GroundingOptions())
+        assert g.valid, (box, g.reason)
+
+
+def test_square_and_spot_items_box_the_token_the_object_is_on():
+    rng = random.Random(3)
+    for _ in range(20):
+        it = make_item("square", None, rng, SPEC, long_system=False, grid=(rng.randint(2, 5), rng.randint(2, 5)))
+        im = it.images[0]
+        x1, y1, x2, y2 = it.box
+        assert (x2 - x1, y2 - y1) == (GRID, GRID) and x2 <= im.width and y2 <= im.height
+        assert im.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == (250, 250, 250)  # the square is in the box
+    for plain in (True, False):
+        sc = make_scene(random.Random(4), SPEC, 0.25, grid=(6, 5), plain=plain)
+        assert sc.overview.size == (6 * GRID, 5 * GRID)
+        it = make_item("spot", sc, rng, SPEC, long_system=False)
+        tx1, ty1, tx2, ty2 = sc.tag_box_overview()
+        x1, y1, x2, y2 = it.box
+        assert x1 <= tx1 and y1 <= ty1 and tx2 <= x2 and ty2 <= y2
+
+
 def test_items_are_the_same_for_the_same_seed_and_differ_for_another():
     def draw(seed: int) -> list[str]:
         rng = random.Random(seed)
@@ -110,3 +144,25 @@ def test_base_model_dir_builds_once_into_a_recipe_keyed_folder_and_reuses_it(tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{path.name}.") and p.is_dir()]
     other = base.BaseRecipe(stages=recipe.stages, batch_size=4, scenes=9, mark_levels=(0.7,))
     assert other.digest() != recipe.digest()
+
+
+# -- the shipped base model ----------------------------------------------------------------------------------
+# Floors (docs/REPRODUCTION.md): measured on the shipped bf16 copy with ``base.skill_report`` (HF engine, greedy,
+# 64 fresh scenes of another random stream than the build's), with room for CPU/bf16 numerics.
+FLOOR = {"locate/valid": 0.9, "locate/contains_target": 0.5, "read/accuracy": 0.6}
+
+
+def test_the_shipped_base_is_the_current_recipe_and_meets_its_skill_floor():
+    shipped = base.shipped_base_dir(0)
+    assert shipped is not None, (
+        "no shipped base model for the current builder version and recipe: rebuild it with "
+        "`.venv/bin/mgpo build-base --ship` (docs/REPRODUCTION.md) and commit mgpo_core/modeling/weights"
+    )
+    note = json.loads((shipped / base.MANIFEST).read_text())
+    assert note["recipe_digest"] == base.BaseRecipe().digest() and note["shipped_dtype"] == "bfloat16"
+    skills = base.skill_report(shipped, scenes=64, seed=777)
+    print(f"shipped base skills: {json.dumps(skills)}")
+    for k, floor in FLOOR.items():
+        assert skills[k] >= floor, f"{k} = {skills[k]:.3f} < floor {floor} ({skills})"
+    # grounding is real: far above a random box of the same size
+    assert skills["locate/contains_target"] >= 3 * skills["locate/random_box_contains"] + 0.1, skills

@@ -295,10 +295,19 @@ def _question_block(rng: random.Random, value: str) -> tuple[str, str]:
 
 
 def make_item(
-    task: str, scene: Scene, rng: random.Random, spec: SceneSpec, *, long_system: bool, box_cells: int = 3
+    task: str,
+    scene: Scene | None,
+    rng: random.Random,
+    spec: SceneSpec,
+    *,
+    long_system: bool,
+    box_cells: int = 3,
+    grid: tuple[int, int] = (3, 3),
 ) -> PretrainItem:
     """One item of ``task`` on ``scene`` (see the module docstring); ``box_cells``: side of a ``spot`` box in
-    grid cells (the curriculum starts with the one cell the tag is centred on)."""
+    grid cells; ``grid``: the size in tokens of a ``square`` picture (which ignores ``scene``)."""
+    if task == "square":
+        return square_item(rng, grid)
     system = system_prompt(rng) if long_system else ""
     if task in ("locate", "spot"):
         w, h = scene.overview.size

@@ -539,12 +539,15 @@ class MGPOTrainer:
             last = self.train_step()
             self.step += 1
             self.steps_run += 1
+            self.phase("logging the step", self.step)
             ckpt.fault_point("step-done", self.step)
             if every and (self.step % every == 0 or self.step == a.total_steps):
+                self.phase("validation", self.step)
                 last.update(self.validate())
             timing_ckpt = 0.0
             if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == a.total_steps:
                 tc = time.perf_counter()
+                self.phase("checkpoint", self.step)
                 self.save()
                 timing_ckpt = time.perf_counter() - tc
             last["timing/checkpoint_s"] = timing_ckpt
@@ -562,6 +565,14 @@ class MGPOTrainer:
         if bar is not None:
             bar.close()
         return self.finish(last)
+
+    def phase(self, name: str, step: int) -> None:
+        """Record what this rank is doing (``<run_dir>/phase-rank<r>``, one short line): a stalled run's error
+        names the phase it hung in (``training.launch``)."""
+        try:
+            (self.run_dir / f"phase-rank{self.dist.rank}").write_text(f"step {step}: {name}\n")
+        except OSError:
+            pass
 
     def validate(self) -> dict[str, float]:
         """Greedy rollouts in the training mode on the validation split: ``val/*`` metrics (rank 0's view)."""
@@ -593,6 +604,8 @@ class MGPOTrainer:
         m: dict[str, float] = {}
 
         t = time.perf_counter()
+        self.phase("rollout", self.step + 1)
+        ckpt.fault_point("rollout", self.step + 1)
         self.rollout.wake()
         episodes = rollout_episodes(
             self.rollout, cfg, mine, seed=rollout_seed(a.seed, self.step, self.dist.rank)
@@ -620,14 +633,17 @@ class MGPOTrainer:
 
         minis = self._mini_batches(episodes, adv)
         t = time.perf_counter()
+        self.phase("old and reference log-probs", self.step + 1)
         old_logp = self._old_logprobs(minis)
         m["timing/old_ref_logprobs_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        self.phase("policy update", self.step + 1)
         m.update(self._update(minis, old_logp))
         m["timing/update_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        self.phase("weight sync to the rollout engine", self.step + 1)
         if (
             getattr(self.rollout, "model", None) is not self.policy
         ):  # an HF engine on the policy itself shares it
