@@ -43,6 +43,9 @@ class Stage:
     mix: dict[str, float]
     long_system: bool = False
     lr: float = 1e-3
+    restart: bool = False
+    """Start the stage with a fresh optimiser and its own item stream (seeded by seed and stage index), so a
+    build resumed here from the previous stage's snapshot is exactly the one-go build."""
     decay: bool = False
     """Cosine-decay the learning rate to 10 % over the stage (else constant after warmup: the position
     circuit forms abruptly after a plateau, and a decayed rate can miss it)."""
@@ -73,12 +76,13 @@ class BaseRecipe:
         Stage("spot", 150, {"spot": 1.0}, grids=(4, 3, 9, 7), plain=0.3),
         Stage("locate", 200, {"spot": 0.3, "locate": 0.7}, grids=(4, 3, 9, 7)),
         # what things are: colours from close-ups, big marks first
-        Stage("colour", 60, {"name": 0.7, "locate": 0.3}, marks=(0.7, 0.5)),
-        Stage("name", 80, {"name": 0.7, "locate": 0.3}, marks=(0.5, 0.35, 0.25)),
-        Stage("read", 100, {"name": 0.2, "read": 0.5, "locate": 0.3}, marks=(0.35, 0.25)),
+        # (at 1e-3 the close-ups wiped the position circuit out within 50 steps: a lower rate from here on)
+        Stage("colour", 60, {"name": 0.6, "locate": 0.4}, marks=(0.7, 0.5), lr=4e-4, restart=True),
+        Stage("name", 80, {"name": 0.6, "locate": 0.4}, marks=(0.5, 0.35, 0.25), lr=4e-4),
+        Stage("read", 100, {"name": 0.2, "read": 0.4, "locate": 0.4}, marks=(0.35, 0.25), lr=4e-4),
         Stage(
             "mixed", 160, {"name": 0.1, "read": 0.3, "locate": 0.35, "read2": 0.25}, long_system=True,
-            marks=(0.25,), decay=True,
+            marks=(0.25,), lr=4e-4, decay=True,
         ),
     )
     batch_size: int = 32
@@ -339,11 +343,15 @@ def pretrain_base(
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=recipe.stages[0].lr,
-            betas=(0.9, 0.98),
-        )
+
+        def make_optimizer() -> Any:
+            return torch.optim.AdamW(
+                [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=recipe.stages[0].lr,
+                betas=(0.9, 0.98),
+            )
+
+        opt = make_optimizer()
         rng = random.Random(f"mgpo-base-items:{seed}")
         history: list[dict[str, Any]] = []
         bar = tqdm(total=recipe.total_steps(), desc="build-base", disable=not progress, dynamic_ncols=True)
@@ -358,6 +366,11 @@ def pretrain_base(
         for si, stage in enumerate(recipe.stages):
             if si < start_stage:
                 continue
+            if stage.restart:
+                opt = make_optimizer()
+                rng = random.Random(f"mgpo-base-items:{seed}:stage{si}")
+            elif si == start_stage and si > 0:
+                raise ValueError(f"pretrain_base: stage {si} ({stage.name!r}) has no restart point; resume at one")
             for k in range(stage.steps):
                 # per-stage warmup, then constant (or cosine to 10 % of the stage's lr)
                 frac = k / max(1, stage.steps)
@@ -401,6 +414,7 @@ def pretrain_base(
         "build_seconds": round(time.monotonic() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "history": history,
+        "resumed_at_stage": start_stage,
         "tasks": list(TASKS),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
