@@ -27,6 +27,10 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "tiny-cpu"
 HASH_EXCLUDED_FIELDS: tuple[str, ...] = ("tracking", "run_name", "state_dir", "preset")
 """Top-level fields left out of `config_hash`: they name or locate a run but never change what it computes."""
+HASH_EXCLUDED_SUBFIELDS: dict[str, tuple[str, ...]] = {
+    "deepspeed": ("ssh_port", "master_addr", "master_port", "env_forward"),
+}
+"""Fields of a section left out of `config_hash`: how the ranks reach each other, never what they compute."""
 
 Resample = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 PositiveInt = typing.Annotated[int, Field(ge=1)]
@@ -449,7 +453,18 @@ class DeepSpeedConfig(_Section):
     num_gpus: PositiveInt = 1
     """Processes (GPUs) per node."""
     hostfile: str | None = None
-    """DeepSpeed hostfile for multi-node runs (launcher "deepspeed" only)."""
+    """DeepSpeed hostfile for multi-node runs (launcher "deepspeed" only): one `<ssh host> slots=<processes>`
+    line per node, the first is rank 0's; the ranks are started over SSH (pdsh), see docs/SCALE_OUT.md."""
+    ssh_port: typing.Annotated[int, Field(ge=1, le=65535)] | None = None
+    """SSH port of the hostfile's hosts (DeepSpeed's `--ssh_port`); null: ssh's own default or ssh config."""
+    master_addr: str | None = None
+    """Address every rank reaches rank 0 at (DeepSpeed's `--master_addr`); null: DeepSpeed's choice (127.0.0.1
+    on one node; with a hostfile the first address `hostname -I` prints on the first host)."""
+    master_port: typing.Annotated[int, Field(ge=1, le=65535)] | None = None
+    """TCP port of the rendezvous on rank 0's host (DeepSpeed's `--master_port`); null: DeepSpeed's 29500."""
+    env_forward: list[str] = []
+    """More environment variables (names) whose values on the launching node the ranks on every host get, beside
+    the built-in set (DS_ACCELERATOR, offline Hugging Face, thread counts, the virtualenv's PATH, MGPO_*, ...)."""
     stall_timeout_s: typing.Annotated[float, Field(gt=0.0)] | None = 1800.0
     """The train task ends the process group and fails (naming the phase) when no RL step finishes for this long
     after the first one (a hung collective, a stuck rollout); null disables the watch."""
@@ -471,6 +486,23 @@ class DeepSpeedConfig(_Section):
         if self.hostfile is not None and self.launcher != "deepspeed":
             raise _FieldProblem(f"is only read by the deepspeed launcher, not {self.launcher!r}", self.hostfile,
                                 "set deepspeed.launcher=deepspeed or deepspeed.hostfile=null", "hostfile")
+        for name in ("master_addr", "master_port"):
+            if getattr(self, name) is not None and self.launcher != "deepspeed":
+                raise _FieldProblem(f"is only read by the deepspeed launcher, not {self.launcher!r}",
+                                    getattr(self, name), f"set deepspeed.launcher=deepspeed or deepspeed.{name}=null",
+                                    name)
+        if self.ssh_port is not None and self.hostfile is None:
+            raise _FieldProblem("is only used to reach the hosts of a hostfile", self.ssh_port,
+                                "set deepspeed.hostfile (and deepspeed.launcher=deepspeed) or deepspeed.ssh_port=null",
+                                "ssh_port")
+        if self.env_forward and self.hostfile is None:
+            raise _FieldProblem("is only used for the ranks of a hostfile's hosts", self.env_forward,
+                                "set deepspeed.hostfile (and deepspeed.launcher=deepspeed) or deepspeed.env_forward=[]",
+                                "env_forward")
+        bad = [n for n in self.env_forward if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise _FieldProblem("holds names that are not environment variable names", bad,
+                                "list variable names only, e.g. [NCCL_SOCKET_IFNAME]", "env_forward")
         return self
 
 
@@ -892,10 +924,13 @@ def config_hash(cfg: MGPOConfig) -> str:
     """16 hex chars of sha256 over the canonical JSON (sorted keys, no spaces) of the result-relevant fields.
 
     Excluded (`HASH_EXCLUDED_FIELDS`): `tracking.*` (where metrics go), `run_name`, `state_dir` (where files go)
-    and `preset` (where the values came from). Everything else, including evaluation settings and
-    `model.path` after `${VAR}` expansion, is hashed, so the hash is a sound cache key for every stage.
+    and `preset` (where the values came from); and (`HASH_EXCLUDED_SUBFIELDS`) the launcher's connection settings
+    `deepspeed.ssh_port`, `master_addr`, `master_port` and `env_forward`. Everything else, including evaluation
+    settings and `model.path` after `${VAR}` expansion, is hashed, so the hash is a sound cache key for every stage.
     """
-    data = cfg.model_dump(mode="json", exclude=set(HASH_EXCLUDED_FIELDS))
+    exclude: dict[str, Any] = {name: True for name in HASH_EXCLUDED_FIELDS}
+    exclude.update({section: set(names) for section, names in HASH_EXCLUDED_SUBFIELDS.items()})
+    data = cfg.model_dump(mode="json", exclude=exclude)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 

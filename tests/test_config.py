@@ -253,6 +253,35 @@ def test_cross_section_conflicts_are_rejected_with_a_fix() -> None:
         load_config(overrides=["deepspeed.num_gpus=8"])
 
 
+def test_multinode_connection_settings_need_the_deepspeed_launcher_and_a_hostfile() -> None:
+    with pytest.raises(ConfigError, match=r"deepspeed.ssh_port: is only used to reach the hosts of a hostfile"):
+        load_config(overrides=["deepspeed.launcher=deepspeed", "deepspeed.ssh_port=2222"])
+    with pytest.raises(ConfigError, match=r"deepspeed.master_port: is only read by the deepspeed launcher"):
+        load_config(overrides=["deepspeed.master_port=29600"])
+    with pytest.raises(ConfigError, match=r"deepspeed.env_forward: is only used for the ranks of a hostfile"):
+        load_config(overrides=["deepspeed.env_forward=[NCCL_SOCKET_IFNAME]"])
+    multi = ["deepspeed.launcher=deepspeed", "deepspeed.hostfile=/etc/mgpo/hostfile"]
+    with pytest.raises(ConfigError, match=r"deepspeed.env_forward: holds names that are not environment"):
+        load_config(overrides=[*multi, "deepspeed.env_forward=['A B']"])
+    d = load_config(overrides=[*multi, "deepspeed.ssh_port=2222", "deepspeed.master_addr=10.0.0.1"]).deepspeed
+    assert (d.ssh_port, d.master_addr, d.master_port, d.env_forward) == (2222, "10.0.0.1", None, [])
+
+
+def test_hash_ignores_how_the_ranks_reach_each_other() -> None:
+    multi = ["deepspeed.launcher=deepspeed", "deepspeed.hostfile=/etc/mgpo/hostfile"]
+    base = config_hash(load_config(overrides=multi))
+    changed = load_config(
+        overrides=[
+            *multi,
+            "deepspeed.ssh_port=2222",
+            "deepspeed.master_addr=10.0.0.1",
+            "deepspeed.master_port=29600",
+            "deepspeed.env_forward=[NCCL_SOCKET_IFNAME]",
+        ]
+    )
+    assert config_hash(changed) == base
+
+
 def test_promotion_metric_must_name_an_evaluated_benchmark() -> None:
     with pytest.raises(ConfigError, match="evaluation.promotion_metric: names benchmark 'vstar'"):
         load_config(overrides=["evaluation.promotion_metric=eval/vstar/overall"])

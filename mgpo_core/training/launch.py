@@ -160,7 +160,82 @@ def launch_command(cfg: MGPOConfig, config_path: Path, run_dir: Path, mlflow_run
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(d.num_gpus)]
     if d.hostfile:
         cmd += ["--hostfile", d.hostfile]
+    if d.ssh_port is not None:
+        cmd += ["--ssh_port", str(d.ssh_port)]
+    if d.master_addr is not None:
+        cmd += ["--master_addr", d.master_addr]
+    if d.master_port is not None:
+        cmd += ["--master_port", str(d.master_port)]
     return [*cmd, "--module", "mgpo_core.training.entry", *entry]
+
+
+# What the ranks on the hostfile's hosts need from the launching node's environment. DeepSpeed itself forwards
+# only names starting with MLFLOW, PYTHON, MV2, UCX (and the accelerator's, e.g. NCCL on CUDA); a rank started
+# over SSH gets a login shell's environment, without DS_ACCELERATOR (CPU runs) or the offline switches (it would
+# reach for the hub), and with the login shell's PATH. PATH is passed as it is here, not rebuilt: torch runs the
+# `ninja` it finds on PATH for DeepSpeed's JIT ops, and two ninja versions (1.11 vs 1.12+) hash build commands
+# differently, so ranks with another PATH than a local launch rebuilt the op at every alternation (~30 s each).
+# Named one by one, not by prefix (HF_*, VLLM_*): the values travel on the remote command line, visible to `ps`,
+# and tokens must not.
+FORWARDED_ENV = (
+    "PATH",
+    "DS_ACCELERATOR",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TORCH_EXTENSIONS_DIR",
+    "CUDA_HOME",
+    "GLOO_SOCKET_IFNAME",
+    "VLLM_LOGGING_LEVEL",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+)
+FORWARDED_PREFIXES = ("MGPO_", "NCCL_")
+
+
+def _env_file_lines(path: Path) -> list[str]:
+    """The ``KEY=VALUE`` lines of a DeepSpeed env file (blank lines dropped: DeepSpeed's reader fails on them)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if "=" in line and line.strip()]
+
+
+def write_deepspeed_env(cfg: MGPOConfig, run_dir: Path, env: dict[str, str]) -> Path:
+    """Write ``run_dir/deepspeed_env``: the variables every rank on every host gets, for DeepSpeed's multi-node
+    runner (which reads the file named by ``DS_ENV_FILE``, set by the caller; by default ``~/.deepspeed_env``).
+
+    Content: the built-in set (``FORWARDED_ENV``: ``PATH``, ``DS_ACCELERATOR``, the offline switches, ...;
+    ``MGPO_*``, ``NCCL_*``) and ``deepspeed.env_forward``, each with its value here when set here; then the lines
+    of the user's own ``~/.deepspeed_env`` and ``./.deepspeed_env`` (or the file a ``DS_ENV_FILE`` of theirs
+    names: what DeepSpeed would read without us), which win over ours. A value DeepSpeed cannot pass through its ``export KEY="VALUE"``
+    (quotes, ``$``, backslashes, newlines) is skipped with a note in the training log."""
+    lines: list[str] = []
+    skipped: list[str] = []
+    wanted = [*FORWARDED_ENV, *cfg.deepspeed.env_forward]
+    names = [n for n in env if n in wanted or n.startswith(FORWARDED_PREFIXES)]
+    for name in sorted(set(names)):
+        value = env[name]
+        if any(c in value for c in '"`$\\\n'):
+            skipped.append(name)
+            continue
+        lines.append(f"{name}={value}")
+    own_name = env.get("DS_ENV_FILE", ".deepspeed_env")  # the user's own file, read as DeepSpeed would read it
+    for own in dict.fromkeys((Path.home() / own_name, Path(own_name))):
+        lines += _env_file_lines(own)
+    path = run_dir / "deepspeed_env"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines))
+    tmp.replace(path)
+    if skipped:
+        with (run_dir / "train.log").open("a") as log:
+            log.write(f"mgpo: not forwarded to the other hosts (quotes, $, backslashes or newlines): {skipped}\n")
+    return path
 
 
 def launch_training(
@@ -185,6 +260,9 @@ def launch_training(
         env.pop(k, None)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if cfg.deepspeed.launcher == "deepspeed" and cfg.deepspeed.hostfile:
+        # Multi-node: ranks start in an SSH login shell on each host; DeepSpeed exports this file's variables there.
+        env["DS_ENV_FILE"] = str(write_deepspeed_env(cfg, run, env))
     tail: deque[str] = deque(maxlen=60)
     with (run / "train.log").open("a") as logf:
         proc = subprocess.Popen(
