@@ -247,6 +247,7 @@ def _items(rng: random.Random, pool: _Pool, stage: Stage, n: int) -> list[Pretra
     scenes = [s for s in pool.scenes if any(abs(s.mark_fraction - m) < 1e-9 for m in stage.marks)]
     if not scenes:
         raise ValueError(f"stage {stage.name!r} asks for marks {stage.marks}; the pool has none of them")
+    real = [s for s in pool.scenes if abs(s.mark_fraction - pool.spec.mark_fraction) < 1e-9] or scenes
     items = []
     for _ in range(n):
         task = rng.choices(tasks, weights)[0]
@@ -257,6 +258,8 @@ def _items(rng: random.Random, pool: _Pool, stage: Stage, n: int) -> list[Pretra
         elif task == "spot":
             plain = rng.random() < stage.plain
             scene = make_scene(rng, pool.spec, rng.choice(stage.marks), grid=grid, plain=plain, aligned=stage.aligned)
+        elif task == "locate":  # always the real tag (a big mark makes it a coloured blob, not a white tag)
+            scene = rng.choice(real)
         else:
             scene = rng.choice(scenes)
         items.append(
