@@ -236,13 +236,13 @@ def test_two_ranks_printing_to_one_pipe_never_merge_lines(tmp_path):
 
 def test_a_stalled_run_is_ended_and_fails_naming_the_phase(tmp_path, monkeypatch):
     """An injected hang after step 1 (as a hung collective would): the group is killed after the stall timeout
-    and the failure names the step it stalled in; a retry may help, so the classifier says retry."""
+    and the failure names the step and the phase it stalled in; a retry may help, so the classifier says retry."""
     import time
 
     from mgpo_core.training.launch import TrainingStalled, launch_training
     from tasks.retry import classify
 
-    monkeypatch.setenv("MGPO_HANG", "step-done:2")
+    monkeypatch.setenv("MGPO_HANG", "rollout:2")
     cfg = load_config(
         "tiny-cpu",
         [
@@ -264,7 +264,7 @@ def test_a_stalled_run_is_ended_and_fails_naming_the_phase(tmp_path, monkeypatch
     with pytest.raises(TrainingStalled) as err:
         launch_training(cfg, tmp_path / "hang", on_step=lambda s, m: steps.append(s), timeout_s=60)
     assert steps == [1], "step 1 was journaled, step 2 hung"
-    assert "no RL step finished for" in str(err.value) and "in step 2" in str(err.value)
+    assert "no RL step finished for" in str(err.value) and "rank 0: step 2: rollout" in str(err.value), str(err.value)
     assert classify(err.value).retry
     time.sleep(1)
     alive = [

@@ -42,6 +42,7 @@ class StepWatcher:
         self.offset = journal.stat().st_size if journal.exists() else 0  # only steps of this launch
         self.last_step: int | None = None
         self.last_progress = time.monotonic()
+        self.started_wall = time.time()
         self.pgid: int | None = None
         self.stall_s: float | None = None
         self.startup_s: float | None = None
@@ -69,7 +70,10 @@ class StepWatcher:
         if limit is None or waited < limit:
             return
         last = (self.last_line() or [""])[-1].strip()[:200]
-        if self.last_step is None:
+        ranks = self._phases()
+        if ranks:
+            phase = "in " + "; ".join(f"rank {r}: {what}" for r, what in ranks)
+        elif self.last_step is None:
             phase = "starting up (before the first step: model loading, JIT builds, engine start-up)"
         else:
             phase = f"in step {self.last_step + 1} (rollout, log-probs, update or checkpoint)"
@@ -80,6 +84,18 @@ class StepWatcher:
             os.killpg(self.pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def _phases(self) -> list[tuple[int, str]]:
+        """What each rank last said it was doing (``phase-rank<r>`` files the trainer writes) during this launch."""
+        out = []
+        for f in sorted(self.journal.parent.glob("phase-rank*")):
+            try:
+                if f.stat().st_mtime < self.started_wall:
+                    continue  # left by an earlier launch
+                out.append((int(f.name.removeprefix("phase-rank")), f.read_text().strip()))
+            except (OSError, ValueError):
+                continue
+        return sorted(out)
 
     def start(self) -> None:
         self._thread.start()
