@@ -360,7 +360,7 @@ def baseline_task(preset: str, overrides: list[str], eval_path: str | None, pare
     maybe_inject_failure("baseline")
     model_dir = model_dir_for(cfg)
     out = _evaluate_model(cfg, str(model_dir), f"base-{Path(model_dir).name}", eval_path, parent_run_id, "baseline",
-                          label="base")  # fmt: skip
+                          label="base", stage="baseline")  # fmt: skip
     out["model_dir"] = str(model_dir)
     return out
 
@@ -376,6 +376,7 @@ def _evaluate_model(
     model_name: str | None = None,
     model_version: str | None = None,
     label: str = "evaluate",
+    stage: str = "evaluate",
 ) -> dict[str, Any]:
     """Run every configured benchmark on ``model_dir`` into ``<state>/eval/<name>``, log them to an MLflow run
     nested under the pipeline run (and onto the model version when given); returns metrics and where they are."""
@@ -400,7 +401,7 @@ def _evaluate_model(
             results.append(res)
     finally:
         engine.close()
-    run_id = _start_child_run(cfg, parent_run_id, run_name, label)
+    run_id = _start_child_run(cfg, parent_run_id, run_name, stage)
     log_eval_results(
         results, tracking_uri=tracking_uri(cfg), run_id=run_id, model_name=model_name, model_version=model_version
     )
