@@ -26,7 +26,7 @@ from mgpo_core.config import MGPOConfig, config_hash, flatten_config, save_confi
 from mgpo_core.data.schema import Sample
 from mgpo_core.episodes import Episode, PromptTemplates, train_mask
 from mgpo_core.logprobs import collate_episodes, token_logprobs
-from mgpo_core.modeling.loading import load_bundle, load_model, resolve_model_path
+from mgpo_core.modeling.loading import load_bundle, load_model, model_dir_for
 from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_engine_name
 from mgpo_core.training import checkpoint as ckpt
 from mgpo_core.training.collapse import CollapseMonitor
@@ -413,9 +413,7 @@ class MGPOTrainer:
             ckpt.clean_partial(self.ckpt_root)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.model_path = resolve_model_path(
-            cfg.model.path, cache_root=Path(cfg.state_dir) / "models", tiny_seed=cfg.model.tiny_seed
-        )
+        self.model_path = model_dir_for(cfg)  # model.path, or the offline tiny model model.tiny names
         bundle = load_bundle(
             self.model_path,
             dtype=cfg.model.dtype,
