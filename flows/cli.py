@@ -100,7 +100,10 @@ def print_summary(
         f"dropped {counts.get('dropped')}"
     )
     print(f"training   {summary['train']['steps_done']} RL steps, run dir {summary['train']['run_dir']}")
-    champ = "this version" if promo["promoted"] else f"v{promo['champion_before']} (unchanged)"
+    if promo["promoted"]:
+        champ = "this version"
+    else:
+        champ = f"v{promo['champion_before']} (unchanged)" if promo["champion_before"] else "none yet"
     print(f"model      {reg['model_name']} v{reg['version']} (alias challenger); champion: {champ}")
     print(f"           {promo['reason']}")
     base = (summary.get("baseline") or {}).get("metrics", {})
