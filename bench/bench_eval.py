@@ -246,10 +246,8 @@ def part1(args: argparse.Namespace, work: Path, bundle) -> dict:
 def part2(args: argparse.Namespace, work: Path, bundle) -> dict:
     from mgpo_core.config import load_config
     from mgpo_core.data.synthetic import iter_synthetic_samples
-    from mgpo_core.episodes import PromptTemplates
     from mgpo_core.evaluation.cli import build_engine
     from mgpo_core.evaluation.runner import evaluate
-    from mgpo_core.rollout import RolloutSettings
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     width, height = _size(args.throughput_size)
@@ -271,15 +269,7 @@ def part2(args: argparse.Namespace, work: Path, bundle) -> dict:
     )
     warm, sets = pool[-1:], [pool[r * n : (r + 1) * n] for r in range(reps)]
     engines = {
-        "hf": lambda: HFRolloutEngine(
-            bundle.model,
-            bundle.tokenizer,
-            bundle.image_processor,
-            bundle.special,
-            PromptTemplates.from_config(cfg.rollout),
-            RolloutSettings.from_config(cfg),
-            batch_size=args.throughput_samples,
-        )
+        "hf": lambda: HFRolloutEngine.for_bundle(bundle, cfg, batch_size=args.throughput_samples)
     }
     if args.vllm:
         engines["vllm"] = lambda: build_engine(cfg, "vllm")
