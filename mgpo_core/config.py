@@ -202,6 +202,12 @@ class DataConfig(_Section):
     needs a close-up to read."""
     synthetic_decoys: int | None = Field(None, ge=0)
     """Grey decoy tags per image; None = 3 per megapixel (at least 2)."""
+    synthetic_choices: int = Field(4, ge=2, le=6)
+    """Options per synthetic question (at most the attribute's vocabulary: 6 colours, 6 shapes)."""
+    synthetic_shuffle_choices: bool = True
+    """Shuffle the options (as benchmarks do); off lists them in the vocabulary's order, so with every value
+    offered a value always has the same letter and reading the close-up is all a question asks (the tiny
+    base's setting: a 4-layer model does not learn the look-up of a shuffled letter, docs/REPRODUCTION.md)."""
     max_image_pixels: PositiveInt = 100_000_000
     """Decompression-bomb limit (pixels) when opening images; must let 80-megapixel originals through."""
     shuffle_seed: int = 0

@@ -67,6 +67,21 @@ def test_samples_ask_about_each_kind_with_shuffled_options_and_a_correct_letter(
     assert len({s.answer for s in samples}) > 1  # the correct option is not always first
 
 
+def test_unshuffled_options_list_the_whole_vocabulary_in_order_so_a_value_keeps_its_letter(tmp_path):
+    from mgpo_core.config import load_config
+    from mgpo_core.data.synthetic import synthetic_options
+
+    opts = synthetic_options(load_config("tiny-cpu", ["data.synthetic_choices=6", "data.synthetic_shuffle_choices=false"]))
+    assert opts["n_choices"] == 6 and opts["shuffle_choices"] is False
+    ss = list(iter_synthetic_samples(tmp_path, 12, seed=2, width=640, height=480, kinds=("colour",),
+                                     n_choices=6, shuffle_choices=False))
+    vocab = VOCABULARY["colour"]
+    assert all(s.choices == vocab for s in ss)
+    assert len({s.answer for s in ss}) > 1  # still every colour, so the letter depends on the picture
+    # the default keeps the benchmarks' shuffled options
+    assert synthetic_options(load_config("tiny-cpu"))["shuffle_choices"] is True
+
+
 def _best_template(patch: Image.Image, kind: str, options: tuple[str, ...], side: int) -> str:
     """The option whose rendered tag is closest (mean squared error) to ``patch``: a minimal reader."""
     arr = np.asarray(patch.convert("RGB").resize((side, side)), dtype=np.float64)

@@ -248,13 +248,14 @@ def make_synthetic_image(
     }
 
 
-def _options(rng: random.Random, kind: str, value: str, n_choices: int) -> list[str]:
+def _options(rng: random.Random, kind: str, value: str, n_choices: int, shuffle: bool = True) -> list[str]:
+    """The right value and ``n_choices - 1`` others; shuffled, or (``shuffle`` off) in the vocabulary's order."""
     vocab = VOCABULARY[kind]
     if not 2 <= n_choices <= len(vocab):
         raise ValueError(f"n_choices={n_choices} must be between 2 and {len(vocab)} for {kind!r} questions")
     options = [value, *rng.sample([v for v in vocab if v != value], n_choices - 1)]
     rng.shuffle(options)
-    return options
+    return options if shuffle else sorted(options, key=vocab.index)
 
 
 def _one_sample(
@@ -271,6 +272,7 @@ def _one_sample(
     min_target_px: int,
     mark_fraction: float = 0.6,
     decoys: int | None = None,
+    shuffle_choices: bool = True,
 ) -> Sample:
     # One generator per image: image i does not depend on how many came before (parallel and resumable).
     rng = random.Random(f"mgpo-synthetic:{seed}:{split}:{i}")
@@ -293,7 +295,7 @@ def _one_sample(
         **(JPEG_OPTIONS if image_format == "jpeg" else PNG_OPTIONS),
     )
     tmp.replace(path)
-    options = _options(rng, target["kind"], target["value"], n_choices)
+    options = _options(rng, target["kind"], target["value"], n_choices, shuffle_choices)
     return Sample(
         id=f"synthetic-{split}-{i:05d}",
         image_path=str(path),
@@ -321,13 +323,16 @@ def iter_synthetic_samples(
     min_target_px: int = 16,
     mark_fraction: float = 0.6,
     decoys: int | None = None,
+    shuffle_choices: bool = True,
     workers: int = 1,
 ) -> Iterator[Sample]:
     """Write ``count`` images under ``out_dir`` and yield their samples in order (deterministic from ``seed``).
 
     ``kinds`` picks the attributes asked about; ``overview_max_pixels`` is the overview budget the tag must be
     illegible at (the paper's 1280·28² by default; pass ``rollout.max_pixels``); ``workers`` > 1 generates in
-    that many processes (same bytes as one); ``mark_fraction`` and ``decoys`` as :func:`make_synthetic_image`. JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
+    that many processes (same bytes as one); ``mark_fraction`` and ``decoys`` as :func:`make_synthetic_image`;
+    ``shuffle_choices`` off lists the options in the vocabulary's order (with all of it offered, each value
+    always has the same letter). JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
     of magnitude faster than PNG; ``image_format="png"`` gives lossless files.
     """
     bad = [k for k in kinds if k not in KINDS]
@@ -351,6 +356,7 @@ def iter_synthetic_samples(
         min_target_px=min_target_px,
         mark_fraction=mark_fraction,
         decoys=decoys,
+        shuffle_choices=shuffle_choices,
     )
     if workers <= 1 or count <= 1:
         for i in range(count):
@@ -408,6 +414,8 @@ def synthetic_options(cfg: Any) -> dict[str, Any]:
         "min_target_px": d.synthetic_tag_px,
         "mark_fraction": d.synthetic_mark_fraction,
         "decoys": d.synthetic_decoys,
+        "n_choices": d.synthetic_choices,
+        "shuffle_choices": d.synthetic_shuffle_choices,
     }
 
 

@@ -341,7 +341,7 @@ def pretrain_base(
         prng = random.Random(f"mgpo-base-probe:{seed}")
         probe_sets = {
             task: [encoder.encode(make_item(task, sc, prng, recipe.scene, long_system=True)) for sc in held_out.scenes]
-            for task in ("name", "read", "locate", "read2")
+            for task in ("name", "read", "square", "locate", "ask", "read2")
         }
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -484,6 +484,7 @@ def skill_report(
     - ``locate/valid``: share of locate replies that parse to a valid box (the reference parser);
     - ``locate/contains_target``: share whose box, mapped to the original, holds the whole tag;
     - ``locate/random_box_contains``: the same for a random 3x3-cell box on the grid (the floor to beat);
+    - ``ask/*``: the same three for a question about the tag with a request (our wording) to box the area first;
     - ``read/accuracy``: multiple-choice accuracy on a close-up cut from a grid box around the tag (chance 0.25);
     - ``name/accuracy``: colour named from a close-up (chance 1/6).
     """
@@ -505,7 +506,7 @@ def skill_report(
     pool = [make_scene(f"mgpo-base-skills:{seed}:{i}", spec) for i in range(scenes)]
     sampling = SamplingSpec(64, temperature or 1.0, 1.0, greedy=temperature is None, seed=seed)
     report: dict[str, float] = {}
-    for task in ("locate", "read", "name"):
+    for task in ("locate", "ask", "read", "name"):
         items = [make_item(task, sc, rng, spec, long_system=True) for sc in pool]
         reqs = []
         for it in items:
@@ -515,7 +516,7 @@ def skill_report(
             reqs.append(GenerationRequest(ids, ims, list(it.images), 64))
         outs = engine._generate(reqs, sampling, 1)
         texts = [bundle.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
-        if task == "locate":
+        if task in ("locate", "ask"):
             valid = contains = rand = 0
             for sc, text in zip(pool, texts, strict=True):
                 w, h = sc.overview.size
@@ -526,8 +527,8 @@ def skill_report(
                 gx, gy = rng.randrange(0, w // 28 - 2) * 28, rng.randrange(0, h // 28 - 2) * 28
                 rand += _holds(map_box_to_original((gx, gy, gx + 84, gy + 84), (w, h), sc.original_size), sc.tag_box)
             report.update(
-                {"locate/valid": valid / scenes, "locate/contains_target": contains / scenes,
-                 "locate/random_box_contains": rand / scenes}
+                {f"{task}/valid": valid / scenes, f"{task}/contains_target": contains / scenes,
+                 f"{task}/random_box_contains": rand / scenes}
             )
         elif task == "read":
             report["read/accuracy"] = sum(answer_reward([t], it.answer) for t, it in zip(texts, items, strict=True)) / scenes

@@ -21,6 +21,9 @@ Tasks (each item is one single-turn conversation; only the reply is trained):
   learns the boxes' prior; a curriculum over the scene's size in tokens lets the position circuit form);
 - ``locate``: the overview (resized exactly as the rollout resizes it) + a request to box the small white tag ->
   a fenced ``bbox_2d`` JSON list, coordinates snapped to the 28-px token grid;
+- ``ask``: the overview + a question about the tag (no options) + a request, in our own words, to mark the part
+  of the picture needed before answering -> the tag's box (what a real VLM's instruction tuning gives it: it
+  *can* ground on request; whether MGPO's own wording triggers it is left to the cold start);
 - ``read2``: the overview and a close-up as two images + a question with options -> ``red \\boxed{C}`` (the
   model learns to read the answer off the second picture when it shows the tag);
 - ``guess``: the overview twice (no close-up) + a question with options -> the right letter, which cannot be seen:
@@ -44,7 +47,7 @@ from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 GRID = 28
 """Qwen2.5-VL's merged-patch size: one visual token per 28x28 pixels of the image the model sees."""
 
-TASKS = ("square", "spot", "name", "read", "locate", "read2", "guess")
+TASKS = ("square", "spot", "name", "read", "locate", "ask", "read2", "guess")
 
 _LOCATE_REQUESTS = (
     "Locate the small white tag. Reply with its bounding box.",
@@ -63,6 +66,12 @@ _READ_TAILS = (
     "Reply with the letter of the right option in \\boxed{}.",
     "Answer with a single letter inside \\boxed{}.",
     "Which option is right? Write its letter in \\boxed{}.",
+)
+_ASK_TAILS = (
+    "Do not answer yet. Box the part of the picture you would need to zoom into.",
+    "Before you answer, mark the region that shows this with a bbox_2d.",
+    "Answer later; for now reply with the JSON box of the spot to look at closely.",
+    "Which part of the image holds the answer? Reply with its box only.",
 )
 _OPTION_HEADERS = ("Options:", "Choices:", "Pick one of these:", "")
 _TWO_IMAGE_LEADS = (
@@ -166,6 +175,11 @@ class SceneSpec:
     mark_fraction: float = 0.25
     decoys: int = 2
     kind: str = "colour"
+    choices: int = 4
+    shuffle_choices: bool = True
+    """Off: the options in the vocabulary's order (with ``choices`` = the whole vocabulary a colour always has
+    the same letter, so reading is naming: a tiny model learns to name the colour it sees but not to look its
+    letter up among shuffled options, docs/REPRODUCTION.md)."""
 
 
 def make_scene(
@@ -280,15 +294,17 @@ def _close_up(scene: Scene, rng: random.Random, spec: SceneSpec) -> Image.Image:
     return crop_and_enlarge(scene.original(), ori, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
 
-def _options(rng: random.Random, value: str, n: int = 4) -> tuple[list[str], str]:
-    vocab = VOCABULARY["colour"]
-    options = [value, *rng.sample([v for v in vocab if v != value], n - 1)]
+def _options(rng: random.Random, value: str, spec: SceneSpec) -> tuple[list[str], str]:
+    vocab = VOCABULARY[spec.kind]
+    options = [value, *rng.sample([v for v in vocab if v != value], spec.choices - 1)]
     rng.shuffle(options)
+    if not spec.shuffle_choices:
+        options.sort(key=vocab.index)
     return options, LETTERS[options.index(value)]
 
 
-def _question_block(rng: random.Random, value: str) -> tuple[str, str]:
-    options, letter = _options(rng, value)
+def _question_block(rng: random.Random, value: str, spec: SceneSpec) -> tuple[str, str]:
+    options, letter = _options(rng, value, spec)
     header = rng.choice(_OPTION_HEADERS)
     block = "\n".join(x for x in (rng.choice(_QUESTIONS), header, format_choices(options).rstrip("\n")) if x)
     return f"{block}\n{rng.choice(_READ_TAILS)}", letter
@@ -313,10 +329,15 @@ def make_item(
         w, h = scene.overview.size
         box = centre_box(scene.tag_box_overview(), w, h, cells=box_cells if task == "spot" else 3)
         return PretrainItem(task, system, [scene.overview], rng.choice(_LOCATE_REQUESTS), box_reply(box), box=tuple(box))
+    if task == "ask":
+        w, h = scene.overview.size
+        box = centre_box(scene.tag_box_overview(), w, h)
+        text = f"{rng.choice(_QUESTIONS)}\n{rng.choice(_ASK_TAILS)}"
+        return PretrainItem(task, system, [scene.overview], text, box_reply(box), box=tuple(box))
     if task == "name":
         crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
         return PretrainItem(task, system, [crop], rng.choice(_NAME_REQUESTS), scene.value)
-    text, letter = _question_block(rng, scene.value)
+    text, letter = _question_block(rng, scene.value, spec)
     # Name what is seen, then pick the option: the letter is then a copy from the options (a step a tiny LM
     # learns fast) instead of a colour-to-letter mapping it must do in one token.
     reply = f"{scene.value} \\boxed{{{letter}}}"
