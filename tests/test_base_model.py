@@ -10,6 +10,7 @@ import re
 import pytest
 
 from mgpo_core.config import load_config
+from mgpo_core.data.synthetic import VOCABULARY
 from mgpo_core.grounding import GroundingOptions, parse_grounding_box
 from mgpo_core.modeling import base, base_tasks
 from mgpo_core.modeling.base_tasks import GRID, SceneSpec, grid_box, make_item, make_scene
@@ -93,6 +94,26 @@ def test_square_and_spot_items_box_the_token_the_object_is_on():
         tx1, ty1, tx2, ty2 = sc.tag_box_overview()
         x1, y1, x2, y2 = it.box
         assert x1 <= tx1 and y1 <= ty1 and tx2 <= x2 and ty2 <= y2
+
+
+def test_ask_items_box_the_tag_and_fixed_order_reads_give_each_colour_one_letter():
+    rng = random.Random(5)
+    fixed = SceneSpec(choices=6, shuffle_choices=False)
+    letters: dict[str, set[str]] = {}
+    for i in range(12):
+        sc = make_scene(f"a:{i}", SPEC)
+        it = make_item("ask", sc, rng, SPEC, long_system=False)
+        assert "(A)" not in it.user_text  # a question without options, then the request to box first
+        tx1, ty1, tx2, ty2 = sc.tag_box_overview()
+        x1, y1, x2, y2 = it.box
+        assert x1 <= tx1 and y1 <= ty1 and tx2 <= x2 and ty2 <= y2
+        w, h = sc.overview.size
+        assert parse_grounding_box(it.reply, w, h, GroundingOptions()).valid
+        rd = make_item("read", sc, rng, fixed, long_system=False)
+        assert rd.reply == f"{sc.value} \\boxed{{{rd.answer}}}"
+        assert all(f"({letter}) {v}" in rd.user_text for letter, v in zip("ABCDEF", VOCABULARY["colour"], strict=True))
+        letters.setdefault(sc.value, set()).add(rd.answer)
+    assert all(len(v) == 1 for v in letters.values()) and len(letters) > 2, letters
 
 
 def test_items_are_the_same_for_the_same_seed_and_differ_for_another():
