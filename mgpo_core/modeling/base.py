@@ -343,6 +343,15 @@ def pretrain_base(
             task: [encoder.encode(make_item(task, sc, prng, recipe.scene, long_system=True)) for sc in held_out.scenes]
             for task in ("name", "read", "square", "locate", "ask", "read2")
         }
+        # the tag alone on flat 5x5-token pictures: whether the square's position circuit carried over to the
+        # tag (docs/REPRODUCTION.md: after colours-first its gap stayed at 0.000)
+        probe_sets["spot5x5"] = [
+            encoder.encode(
+                make_item("spot", make_scene(prng, recipe.scene, grid=(5, 5), plain=True), prng, recipe.scene,
+                          long_system=False)
+            )
+            for _ in range(32)
+        ]
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
