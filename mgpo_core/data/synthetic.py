@@ -248,7 +248,7 @@ def make_synthetic_image(
     }
 
 
-def _options(rng: random.Random, kind: str, value: str, n_choices: int, shuffle: bool = True) -> list[str]:
+def draw_options(rng: random.Random, kind: str, value: str, n_choices: int, shuffle: bool = True) -> list[str]:
     """The right value and ``n_choices - 1`` others; shuffled, or (``shuffle`` off) in the vocabulary's order."""
     vocab = VOCABULARY[kind]
     if not 2 <= n_choices <= len(vocab):
@@ -295,7 +295,7 @@ def _one_sample(
         **(JPEG_OPTIONS if image_format == "jpeg" else PNG_OPTIONS),
     )
     tmp.replace(path)
-    options = _options(rng, target["kind"], target["value"], n_choices, shuffle_choices)
+    options = draw_options(rng, target["kind"], target["value"], n_choices, shuffle_choices)
     return Sample(
         id=f"synthetic-{split}-{i:05d}",
         image_path=str(path),

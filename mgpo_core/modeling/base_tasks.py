@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from mgpo_core.data.schema import LETTERS, format_choices
-from mgpo_core.data.synthetic import VOCABULARY, make_synthetic_image, render_tag
+from mgpo_core.data.synthetic import VOCABULARY, draw_options, make_synthetic_image, render_tag
 from mgpo_core.grounding import map_box_to_original
 from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 
@@ -294,17 +294,9 @@ def _close_up(scene: Scene, rng: random.Random, spec: SceneSpec) -> Image.Image:
     return crop_and_enlarge(scene.original(), ori, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
 
-def _options(rng: random.Random, value: str, spec: SceneSpec) -> tuple[list[str], str]:
-    vocab = VOCABULARY[spec.kind]
-    options = [value, *rng.sample([v for v in vocab if v != value], spec.choices - 1)]
-    rng.shuffle(options)
-    if not spec.shuffle_choices:
-        options.sort(key=vocab.index)
-    return options, LETTERS[options.index(value)]
-
-
 def _question_block(rng: random.Random, value: str, spec: SceneSpec) -> tuple[str, str]:
-    options, letter = _options(rng, value, spec)
+    options = draw_options(rng, spec.kind, value, spec.choices, spec.shuffle_choices)  # as the benchmark draws them
+    letter = LETTERS[options.index(value)]
     header = rng.choice(_OPTION_HEADERS)
     block = "\n".join(x for x in (rng.choice(_QUESTIONS), header, format_choices(options).rstrip("\n")) if x)
     return f"{block}\n{rng.choice(_READ_TAILS)}", letter
@@ -325,14 +317,13 @@ def make_item(
     if task == "square":
         return square_item(rng, grid)
     system = system_prompt(rng) if long_system else ""
-    if task in ("locate", "spot"):
+    if task in ("locate", "spot", "ask"):
         w, h = scene.overview.size
         box = centre_box(scene.tag_box_overview(), w, h, cells=box_cells if task == "spot" else 3)
-        return PretrainItem(task, system, [scene.overview], rng.choice(_LOCATE_REQUESTS), box_reply(box), box=tuple(box))
-    if task == "ask":
-        w, h = scene.overview.size
-        box = centre_box(scene.tag_box_overview(), w, h)
-        text = f"{rng.choice(_QUESTIONS)}\n{rng.choice(_ASK_TAILS)}"
+        if task == "ask":
+            text = f"{rng.choice(_QUESTIONS)}\n{rng.choice(_ASK_TAILS)}"
+        else:
+            text = rng.choice(_LOCATE_REQUESTS)
         return PretrainItem(task, system, [scene.overview], text, box_reply(box), box=tuple(box))
     if task == "name":
         crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
