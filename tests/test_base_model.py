@@ -167,6 +167,39 @@ def test_base_model_dir_builds_once_into_a_recipe_keyed_folder_and_reuses_it(tmp
     assert other.digest() != recipe.digest()
 
 
+def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_keys_on_the_parent(tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    parent = base.BaseRecipe(
+        name="p", stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),), batch_size=4, scenes=8, mark_levels=(0.7,)
+    )
+    child = dataclasses.replace(
+        parent, name="c", parent=parent, stages=(base.Stage("none", 0, {"name": 1.0}, marks=(0.7,), restart=True),)
+    )
+    lines: list[str] = []
+    path = base.base_model_dir(tmp_path, 0, recipe=child, progress=False, log=lines.append)
+    built = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    parent_dir = tmp_path / f"p-qwen2.5-vl-{base.BASE_BUILDER_VERSION}-{parent.digest()}-seed0"
+    assert built == {path.name, parent_dir.name}, built  # the parent was built first, into the same cache
+    note = json.loads((path / base.MANIFEST).read_text())
+    assert note["parent"] == {"name": "p", "recipe_digest": parent.digest(), "path": parent_dir.name}
+    # no steps of its own: the child's weights are the parent's, rounded to bfloat16 as a shipped copy is
+    mine, theirs = load_file(path / "model.safetensors"), load_file(parent_dir / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for k, v in theirs.items():
+        assert torch.equal(mine[k], v.to(torch.bfloat16).to(torch.float32)), k
+    assert any(not torch.equal(mine[k], v) for k, v in theirs.items())  # the rounding did happen
+    # the parent's recipe is part of the child's key; a child cannot change the architecture
+    other = dataclasses.replace(child, parent=dataclasses.replace(parent, scenes=9))
+    assert other.digest() != child.digest()
+    wider = dataclasses.replace(child, text_hidden=128)
+    with pytest.raises(ValueError, match="keeps its parent's sizes"):
+        base.pretrain_base(tmp_path / "wider", seed=0, recipe=wider, progress=False, log=lines.append)
+
+
 # -- the shipped base model ----------------------------------------------------------------------------------
 # Floors (docs/REPRODUCTION.md): measured on the shipped bf16 copy with ``base.skill_report`` (HF engine, greedy,
 # 64 fresh scenes of another random stream than the build's), with room for CPU/bf16 numerics.
@@ -181,7 +214,7 @@ def test_the_shipped_base_is_the_current_recipe_and_meets_its_skill_floor():
         "`.venv/bin/mgpo build-base --ship` (docs/REPRODUCTION.md) and commit mgpo_core/modeling/weights"
     )
     note = json.loads((shipped / base.MANIFEST).read_text())
-    assert note["recipe_digest"] == base.BaseRecipe().digest() and note["shipped_dtype"] == "bfloat16"
+    assert note["recipe_digest"] == base.DEFAULT_RECIPE.digest() and note["shipped_dtype"] == "bfloat16"
     skills = base.skill_report(shipped, scenes=64, seed=777)
     print(f"shipped base skills: {json.dumps(skills)}")
     for k, floor in FLOOR.items():

@@ -7,6 +7,11 @@ vision (ENVIRONMENT.md): first ``read`` (the vision path learns colours from clo
 then the two-image and guess items and long random system prompts. Progress is watched through held-out
 accuracies and the gap between the loss with real and with zeroed pixels.
 
+A recipe may extend another (``BaseRecipe.parent``): its build starts from the parent's model for the same
+seed (the shipped copy, or built first into the same cache), rounded to bfloat16 exactly as a shipped copy is,
+and runs only its own stages, so a recipe that adds a skill on top of the shipped grounding model costs minutes,
+not the parent's half hour, and stays deterministic (the parent's recipe is part of its digest).
+
 The result is an ordinary Hugging Face directory (loads through the stock ``Auto*`` classes and vLLM like the
 random tiny model) with ``mgpo_base.json``: builder version, seed, recipe, per-stage probe metrics, build time.
 """
@@ -63,7 +68,12 @@ class Stage:
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """Everything that determines the base model besides the seed (hashed into the cache key)."""
+    """Everything that determines the base model besides the seed (hashed into the cache key).
+
+    With a ``parent`` the build starts from the parent recipe's model for the same seed (the shipped one, or
+    built first), rounded to bfloat16 as a shipped model is, and runs only its own ``stages`` on top; the
+    parent's recipe is part of this one's digest.
+    """
 
     scene: SceneSpec = field(default_factory=SceneSpec)
     stages: tuple[Stage, ...] = (
@@ -97,6 +107,9 @@ class BaseRecipe:
     vision_depth: int = 4
     rope_theta: float = 10.0
     mrope_section: tuple[int, int, int] = (4, 14, 14)
+    name: str = "base"
+    """Names the shipped copy (``weights/tiny-<name>-seed<seed>``) and the cache folder."""
+    parent: BaseRecipe | None = None
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True, default=str)
@@ -104,6 +117,24 @@ class BaseRecipe:
 
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+    def architecture(self) -> tuple:
+        return (self.text_hidden, self.text_layers, self.vision_hidden, self.vision_depth, self.rope_theta,
+                tuple(self.mrope_section))
+
+    def items_seed(self, seed: int, stage: int | None = None) -> str:
+        """The item stream's seed string (a child recipe's differs from its parent's)."""
+        own = "" if self.parent is None else f":{self.name}"
+        return f"mgpo-base-items:{seed}{own}" + ("" if stage is None else f":stage{stage}")
+
+
+GROUNDING_RECIPE = BaseRecipe(name="ground")
+"""The position-first build (shipped as ``weights/tiny-ground-seed0``): it grounds (locate boxes hold the tag
+0.91 vs 0.09 for a random box) but reads at chance; its colour stages did not learn (docs/REPRODUCTION.md)."""
+
+DEFAULT_RECIPE = GROUNDING_RECIPE
+"""The base MGPO starts from (``model.tiny: base``). A recipe that adds reading on top of it is a child recipe
+(``parent=GROUNDING_RECIPE``): its build starts from the shipped grounding model instead of from scratch."""
 
 
 def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
@@ -295,12 +326,14 @@ def pretrain_base(
     log: Callable[[str], None] = print,
     snapshots: str | Path | None = None,
     start_stage: int = 0,
+    parent_root: str | Path | None = None,
 ) -> Path:
     """Build and pre-train the base model into ``out_dir`` (must be empty or absent); returns the directory.
 
     ``snapshots``: a folder that receives the weights after every stage (``stage-<i>.pt``); with
     ``start_stage`` > 0 the build loads ``stage-<start_stage - 1>.pt`` from it and skips the earlier stages
-    (for working on a recipe: a shipped build always runs every stage in one go).
+    (for working on a recipe: a shipped build always runs every stage in one go). ``parent_root``: the cache
+    folder for the parent recipe's model when it is not shipped (default: ``out_dir``'s parent).
     """
     import torch
     from tqdm import tqdm
@@ -308,7 +341,12 @@ def pretrain_base(
 
     from mgpo_core.modeling.loading import load_image_processor, special_tokens_from
 
-    recipe = recipe or BaseRecipe()
+    recipe = recipe or DEFAULT_RECIPE
+    if recipe.parent is not None and recipe.parent.architecture() != recipe.architecture():
+        raise ValueError(
+            f"base recipe {recipe.name!r} has architecture {recipe.architecture()} but its parent "
+            f"{recipe.parent.name!r} has {recipe.parent.architecture()}; a child recipe keeps its parent's sizes"
+        )
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"pretrain_base: {out} is not empty; choose an empty directory")
@@ -328,9 +366,14 @@ def pretrain_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        parent_dir = None
+        if recipe.parent is not None:
+            parent_dir = _load_parent(model, recipe, seed, Path(parent_root) if parent_root else out.parent,
+                                      progress=progress, log=log)
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"build-base: {n_params / 1e6:.2f} M parameters, {recipe.total_steps()} steps, recipe {recipe.digest()}")
+        log(f"build-base: {n_params / 1e6:.2f} M parameters, {recipe.total_steps()} steps, recipe {recipe.digest()}"
+            + (f", on top of {parent_dir}" if parent_dir else ""))
 
         pool = _Pool(recipe.scene, seed, recipe.scenes)
         t0 = time.monotonic()
@@ -364,7 +407,7 @@ def pretrain_base(
             )
 
         opt = make_optimizer()
-        rng = random.Random(f"mgpo-base-items:{seed}")
+        rng = random.Random(recipe.items_seed(seed))
         history: list[dict[str, Any]] = []
         bar = tqdm(total=recipe.total_steps(), desc="build-base", disable=not progress, dynamic_ncols=True)
         step = 0
@@ -380,7 +423,7 @@ def pretrain_base(
                 continue
             if stage.restart:
                 opt = make_optimizer()
-                rng = random.Random(f"mgpo-base-items:{seed}:stage{si}")
+                rng = random.Random(recipe.items_seed(seed, si))
             elif si == start_stage and si > 0:
                 raise ValueError(f"pretrain_base: stage {si} ({stage.name!r}) has no restart point; resume at one")
             for k in range(stage.steps):
@@ -429,9 +472,25 @@ def pretrain_base(
         "resumed_at_stage": start_stage,
         "tasks": list(TASKS),
     }
+    if recipe.parent is not None:
+        manifest["parent"] = {"name": recipe.parent.name, "recipe_digest": recipe.parent.digest(),
+                              "path": parent_dir.name}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     log(f"build-base: done in {manifest['build_seconds']:.0f} s -> {out}")
     return out
+
+
+def _load_parent(model: Any, recipe: BaseRecipe, seed: int, root: Path, *, progress: bool, log: Callable) -> Path:
+    """Load the parent recipe's model for ``seed`` into ``model``, rounded to bfloat16 (as shipped)."""
+    import torch
+
+    from mgpo_core.modeling.loading import load_model
+
+    assert recipe.parent is not None
+    path = base_model_for(root, seed, recipe=recipe.parent, progress=progress, log=log)
+    weights = load_model(path, dtype="float32").state_dict()  # the stock loader maps the checkpoint's names
+    model.load_state_dict({k: v.to(torch.bfloat16).to(torch.float32) for k, v in weights.items()}, strict=True)
+    return path
 
 
 def _complete(path: Path) -> bool:
@@ -439,17 +498,19 @@ def _complete(path: Path) -> bool:
 
 
 def base_model_dir(cache_root: str | Path, seed: int = 0, recipe: BaseRecipe | None = None, **kw: Any) -> Path:
-    """``<cache_root>/base-qwen2.5-vl-<version>-<recipe digest>-seed<seed>``, pre-trained once if absent.
+    """``<cache_root>/<recipe name>-qwen2.5-vl-<version>-<recipe digest>-seed<seed>``, pre-trained once if absent
+    (a parent recipe's model first, into the same ``cache_root``, unless it is shipped).
 
     Built through :func:`~mgpo_core.modeling.tiny.build_atomically` (temporary sibling renamed into place under a
     lock: concurrent callers wait, then reuse it).
     """
-    recipe = recipe or BaseRecipe()
-    final = Path(cache_root).expanduser() / f"base-qwen2.5-vl-{BASE_BUILDER_VERSION}-{recipe.digest()}-seed{seed}"
+    recipe = recipe or DEFAULT_RECIPE
+    root = Path(cache_root).expanduser()
+    final = root / f"{recipe.name}-qwen2.5-vl-{BASE_BUILDER_VERSION}-{recipe.digest()}-seed{seed}"
 
     def build(tmp: Path) -> None:
         shutil.rmtree(tmp)  # pretrain_base wants a fresh directory
-        pretrain_base(tmp, seed=seed, recipe=recipe, **kw)
+        pretrain_base(tmp, seed=seed, recipe=recipe, parent_root=root, **kw)
 
     return tiny.build_atomically(final, build, is_complete=_complete)
 
@@ -458,10 +519,15 @@ SHIPPED_DIR = Path(__file__).with_name("weights")
 """Base models built once with the default recipe and committed with the project (see docs/REPRODUCTION.md)."""
 
 
+def shipped_path(seed: int = 0, recipe: BaseRecipe | None = None) -> Path:
+    """Where the shipped copy of ``recipe``'s model for ``seed`` lives (whether or not it exists)."""
+    return SHIPPED_DIR / f"tiny-{(recipe or DEFAULT_RECIPE).name}-seed{seed}"
+
+
 def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | None:
     """The committed base model for ``seed`` if it was built by this builder version and this recipe."""
-    recipe = recipe or BaseRecipe()
-    path = SHIPPED_DIR / f"tiny-base-seed{seed}"
+    recipe = recipe or DEFAULT_RECIPE
+    path = shipped_path(seed, recipe)
     try:
         note = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -471,9 +537,9 @@ def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | 
     return path if _complete(path) else None
 
 
-def base_model_for(cache_root: str | Path, seed: int = 0, **kw: Any) -> Path:
-    """The base model for ``seed``: the shipped one when it matches the current recipe, else built and cached."""
-    return shipped_base_dir(seed) or base_model_dir(cache_root, seed, **kw)
+def base_model_for(cache_root: str | Path, seed: int = 0, recipe: BaseRecipe | None = None, **kw: Any) -> Path:
+    """The base model for ``seed``: the shipped one when it matches the recipe, else built and cached."""
+    return shipped_base_dir(seed, recipe) or base_model_dir(cache_root, seed, recipe, **kw)
 
 
 def _holds(box: Sequence[float], target: Sequence[float]) -> bool:
@@ -504,7 +570,7 @@ def skill_report(
     from mgpo_core.rollout.base import GenerationRequest, RolloutSettings, SamplingSpec
     from mgpo_core.rollout.hf import HFRolloutEngine
 
-    spec = spec or BaseRecipe().scene
+    spec = spec or DEFAULT_RECIPE.scene
     bundle = load_bundle(model_dir)
     templates = PromptTemplates("", "{question}", "{question}{choices}", "{question}{choices}")
     engine = HFRolloutEngine(

@@ -17,7 +17,7 @@ def cmd_build_base(args: argparse.Namespace) -> int:
     seed = cfg.model.tiny_seed if args.seed is None else args.seed
     t0 = time.perf_counter()
     if args.ship:
-        target = base.SHIPPED_DIR / f"tiny-base-seed{seed}"
+        target = base.shipped_path(seed)
         out = base.base_model_dir(Path(cfg.state_dir) / "models", seed, progress=not args.no_progress)
         if target.exists():
             shutil.rmtree(target)
