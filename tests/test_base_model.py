@@ -176,8 +176,12 @@ def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_key
     parent = base.BaseRecipe(
         name="p", stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),), batch_size=4, scenes=8, mark_levels=(0.7,)
     )
+    # one step with the vision side's rate at 0: the vision weights must stay exactly the parent's (rounded)
     child = dataclasses.replace(
-        parent, name="c", parent=parent, stages=(base.Stage("none", 0, {"name": 1.0}, marks=(0.7,), restart=True),)
+        parent,
+        name="c",
+        parent=parent,
+        stages=(base.Stage("one", 1, {"name": 1.0}, marks=(0.7,), restart=True, vision_lr=0.0, item_mean=True),),
     )
     lines: list[str] = []
     path = base.base_model_dir(tmp_path, 0, recipe=child, progress=False, log=lines.append)
@@ -186,18 +190,56 @@ def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_key
     assert built == {path.name, parent_dir.name}, built  # the parent was built first, into the same cache
     note = json.loads((path / base.MANIFEST).read_text())
     assert note["parent"] == {"name": "p", "recipe_digest": parent.digest(), "path": parent_dir.name}
-    # no steps of its own: the child's weights are the parent's, rounded to bfloat16 as a shipped copy is
+    # the child started from the parent's weights rounded to bfloat16 (as a shipped copy is): its vision side,
+    # trained at rate 0, is exactly that; its language model moved
     mine, theirs = load_file(path / "model.safetensors"), load_file(parent_dir / "model.safetensors")
     assert mine.keys() == theirs.keys()
-    for k, v in theirs.items():
-        assert torch.equal(mine[k], v.to(torch.bfloat16).to(torch.float32)), k
-    assert any(not torch.equal(mine[k], v) for k, v in theirs.items())  # the rounding did happen
+    vision = [k for k in theirs if "visual" in k]
+    assert vision and len(vision) < len(theirs)
+    for k in vision:
+        assert torch.equal(mine[k], theirs[k].to(torch.bfloat16).to(torch.float32)), k
+    assert any(not torch.equal(mine[k], theirs[k]) for k in vision)  # the rounding did happen
+    assert any(not torch.equal(mine[k], v.to(torch.bfloat16).to(torch.float32)) for k, v in theirs.items() if k not in vision)
     # the parent's recipe is part of the child's key; a child cannot change the architecture
     other = dataclasses.replace(child, parent=dataclasses.replace(parent, scenes=9))
     assert other.digest() != child.digest()
+    # stage fields added later enter the digest only when set (the shipped grounding build's digest is stable)
+    plain = base.Stage("c", 2, {"name": 1.0})
+    assert dataclasses.replace(parent, stages=(plain,)).digest() == dataclasses.replace(
+        parent, stages=(dataclasses.replace(plain, vision_lr=None, item_mean=False),)
+    ).digest()
+    assert dataclasses.replace(parent, stages=(dataclasses.replace(plain, item_mean=True),)).digest() != (
+        dataclasses.replace(parent, stages=(plain,)).digest()
+    )
     wider = dataclasses.replace(child, text_hidden=128)
     with pytest.raises(ValueError, match="keeps its parent's sizes"):
         base.pretrain_base(tmp_path / "wider", seed=0, recipe=wider, progress=False, log=lines.append)
+
+
+def test_per_item_reply_loss_weighs_every_item_alike_whatever_its_reply_length():
+    import torch
+
+    class Fixed(torch.nn.Module):  # returns fixed logits: the test is about the reduction only
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, **_):
+            return type("Out", (), {"logits": self.logits})()
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5)
+    labels = torch.tensor([[-100, 1, 2, 3, 4, 0], [-100, -100, -100, -100, 2, -100]])
+    batch = {k: None for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "image_grid_thw")}
+    batch |= {"labels": labels, "pixel_values": torch.zeros(1)}
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    mask = labels[:, 1:] != -100
+    per_item = [(ce[i] * mask[i]).sum() / mask[i].sum() for i in range(2)]
+    tok, _ = base.reply_loss(Fixed(logits), batch)
+    item, _ = base.reply_loss(Fixed(logits), batch, per_item=True)
+    assert torch.allclose(item, (per_item[0] + per_item[1]) / 2)
+    assert torch.allclose(tok, (ce * mask).sum() / mask.sum())
+    assert not torch.allclose(item, tok)
 
 
 # -- the shipped base model ----------------------------------------------------------------------------------

@@ -64,6 +64,17 @@ class Stage:
     """Side of a ``spot`` answer box in grid cells (``locate`` boxes are always 3x3 cells)."""
     aligned: bool = False
     """Plain ``spot`` scenes put the tag at the centre of one visual token (the first, sharpest pictures)."""
+    vision_lr: float | None = None
+    """The vision tower's and merger's learning rate (None: ``lr``). Colours learnt on top of the position
+    circuit need the vision side to move faster than the language model, whose slower rate keeps the circuit."""
+    item_mean: bool = False
+    """Average the loss per item, then over the batch (off: over all reply tokens, so a 44-token box reply
+    outweighs a 2-token colour word 20 to 1 and the colour items barely train)."""
+
+
+_ADDED_LATER = {"vision_lr": None, "item_mean": False}
+"""Stage fields added after the shipped grounding build: in a recipe's digest only when set away from these
+defaults, so adding a field does not change the digest of recipes that do not use it."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class BaseRecipe:
     parent: BaseRecipe | None = None
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        blob = json.dumps(_digest_view(asdict(self)), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def total_steps(self) -> int:
@@ -128,13 +139,44 @@ class BaseRecipe:
         return f"mgpo-base-items:{seed}{own}" + ("" if stage is None else f":stage{stage}")
 
 
+def _digest_view(recipe: dict[str, Any]) -> dict[str, Any]:
+    stages = [{k: v for k, v in st.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]} for st in recipe["stages"]]
+    parent = recipe["parent"] and _digest_view(recipe["parent"])
+    return {**recipe, "stages": stages, "parent": parent}
+
+
 GROUNDING_RECIPE = BaseRecipe(name="ground")
 """The position-first build (shipped as ``weights/tiny-ground-seed0``): it grounds (locate boxes hold the tag
 0.91 vs 0.09 for a random box) but reads at chance; its colour stages did not learn (docs/REPRODUCTION.md)."""
 
+_COLOUR = {"lr": 3e-4, "vision_lr": 1e-3, "item_mean": True}
+READING_RECIPE = BaseRecipe(
+    name="base",
+    parent=GROUNDING_RECIPE,
+    scene=SceneSpec(choices=6, shuffle_choices=False),
+    scenes=800,
+    stages=(
+        # Colours on top of the position circuit (docs/REPRODUCTION.md, session 5): losses averaged per item
+        # (else the box replies' tokens drown the colour words), the vision side at 3x the language model's
+        # rate (which keeps the circuit), the biggest marks alone first (a mix of sizes delays the onset).
+        Stage("colour-big", 200, {"name": 0.6, "locate": 0.4}, marks=(0.7,), restart=True, **_COLOUR),
+        Stage("colour-mid", 150, {"name": 0.6, "locate": 0.4}, marks=(0.7, 0.5), **_COLOUR),
+        Stage("read", 150, {"name": 0.4, "read": 0.2, "locate": 0.4}, marks=(0.5, 0.35, 0.25), **_COLOUR),
+        # the formats MGPO's turns meet: two pictures (turn 2), long system prompts, a request to box first
+        Stage(
+            "mixed", 150, {"read": 0.25, "name": 0.1, "locate": 0.25, "ask": 0.2, "read2": 0.2},
+            marks=(0.35, 0.25), long_system=True, decay=True, **_COLOUR,
+        ),
+    ),
+)
+"""Candidate (not shipped): the position-first build, then colours and reading on top (fixed-order options: a
+colour keeps its letter). Not yet reliable (docs/REPRODUCTION.md, session 5): at these rates one build kept the
+position circuit but had not learnt colours after 350 steps; with the language model at 4e-4 and 70/30 items,
+one item stream learnt both (colour 0.78 on small marks, circuit kept) and another lost the circuit at the
+colour's onset."""
+
 DEFAULT_RECIPE = GROUNDING_RECIPE
-"""The base MGPO starts from (``model.tiny: base``). A recipe that adds reading on top of it is a child recipe
-(``parent=GROUNDING_RECIPE``): its build starts from the shipped grounding model instead of from scratch."""
+"""The base MGPO starts from (``model.tiny: base``): the shipped grounding build."""
 
 
 def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
@@ -234,8 +276,11 @@ def collate(encoded: Sequence[dict[str, Any]], model: Any, pad_id: int, image_pa
     }
 
 
-def reply_loss(model: Any, batch: dict[str, Any], *, zero_pixels: bool = False) -> tuple[Any, Any]:
-    """Mean next-token loss over reply tokens and per-item exact-match of the argmax (teacher-forced) replies."""
+def reply_loss(
+    model: Any, batch: dict[str, Any], *, zero_pixels: bool = False, per_item: bool = False
+) -> tuple[Any, Any]:
+    """Mean next-token loss over reply tokens (``per_item``: each item's mean, then their mean) and per-item
+    exact-match of the argmax (teacher-forced) replies."""
     import torch
 
     pv = batch["pixel_values"]
@@ -252,7 +297,10 @@ def reply_loss(model: Any, batch: dict[str, Any], *, zero_pixels: bool = False) 
     target = batch["labels"][:, 1:]
     mask = target != -100
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-    loss = (loss * mask).sum() / mask.sum()
+    if per_item:
+        loss = ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        loss = (loss * mask).sum() / mask.sum()
     exact = ((logits.argmax(-1) == target) | ~mask).all(dim=1)
     return loss, exact
 
@@ -396,12 +444,16 @@ def pretrain_base(
             for _ in range(32)
         ]
 
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        groups: dict[tuple[bool, bool], list[Any]] = {}
+        for n, p in model.named_parameters():  # (vision side?, weight-decayed?)
+            groups.setdefault(("visual" in n, p.ndim >= 2 and "embed" not in n), []).append(p)
 
         def make_optimizer() -> Any:
             return torch.optim.AdamW(
-                [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                [
+                    {"params": ps, "weight_decay": recipe.weight_decay if wd else 0.0, "vision": vis}
+                    for (vis, wd), ps in sorted(groups.items())
+                ],
                 lr=recipe.stages[0].lr,
                 betas=(0.9, 0.98),
             )
@@ -429,14 +481,15 @@ def pretrain_base(
             for k in range(stage.steps):
                 # per-stage warmup, then constant (or cosine to 10 % of the stage's lr)
                 frac = k / max(1, stage.steps)
-                lr = stage.lr * min(1.0, (k + 1) / recipe.warmup_steps)
+                scale = min(1.0, (k + 1) / recipe.warmup_steps)
                 if stage.decay:
-                    lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+                    scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    vision_lr = stage.lr if stage.vision_lr is None else stage.vision_lr
+                    g["lr"] = (vision_lr if g["vision"] else stage.lr) * scale
                 items = _items(rng, pool, stage, recipe.batch_size)
                 batch = collate([encoder.encode(it) for it in items], model, special.pad, special.image_pad)
-                loss, _ = reply_loss(model, batch)
+                loss, _ = reply_loss(model, batch, per_item=stage.item_mean)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
