@@ -443,6 +443,12 @@ def pretrain_base(
             )
             for _ in range(32)
         ]
+        # colour naming on the pool's biggest marks: where a colour's onset shows first (docs/REPRODUCTION.md)
+        big = _Pool(recipe.scene, seed + 20_000, 32)
+        big.fill([max(recipe.mark_levels)])
+        probe_sets["name-big"] = [
+            encoder.encode(make_item("name", sc, prng, recipe.scene, long_system=False)) for sc in big.scenes
+        ]
 
         groups: dict[tuple[bool, bool], list[Any]] = {}
         for n, p in model.named_parameters():  # (vision side?, weight-decayed?)
