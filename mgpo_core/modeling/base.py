@@ -490,8 +490,8 @@ def pretrain_base(
                 scale = min(1.0, (k + 1) / recipe.warmup_steps)
                 if stage.decay:
                     scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+                vision_lr = stage.lr if stage.vision_lr is None else stage.vision_lr
                 for g in opt.param_groups:
-                    vision_lr = stage.lr if stage.vision_lr is None else stage.vision_lr
                     g["lr"] = (vision_lr if g["vision"] else stage.lr) * scale
                 items = _items(rng, pool, stage, recipe.batch_size)
                 batch = collate([encoder.encode(it) for it in items], model, special.pad, special.image_pad)
