@@ -41,5 +41,6 @@ def test_training_starts_from_the_base_model_the_config_names(tmp_path):
     assert trainer.model_path == shipped
     trainer.train()
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["metrics"]
-    # The base replies in its trained formats (short, with a lettered \boxed{}); the random model runs to the cap.
-    assert m["rollout/turn1_hit_max_rate"] < 0.2 and m["rollout/response_len_turn1"] < 30, m
+    # The base replies in its trained formats (a ~44-token box, or a few tokens ending in a lettered \boxed{});
+    # the random model runs to the 64-token cap.
+    assert m["rollout/turn1_hit_max_rate"] < 0.2 and m["rollout/response_len_turn1"] < 50, m

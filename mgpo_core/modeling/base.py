@@ -72,7 +72,16 @@ class Stage:
     outweighs a 2-token colour word 20 to 1 and the colour items barely train)."""
 
 
-_ADDED_LATER = {"vision_lr": None, "item_mean": False}
+    keep_vision: float = 0.0
+    """Weight of a loss that keeps the vision side's output on the batch's whole-scene pictures (its ``square``,
+    ``spot``, ``locate`` and ``ask`` items) what it was at the stage's start (squared error relative to the
+    features' mean square): the position circuit reads those features, so colours learnt on close-ups must not
+    move them (docs/REPRODUCTION.md, session 6)."""
+
+
+_ADDED_LATER = {"vision_lr": None, "item_mean": False, "keep_vision": 0.0}
+_SCENE_TASKS = ("square", "spot", "locate", "ask")
+"""Tasks whose one picture is a whole scene (``keep_vision`` holds the vision side's output on them)."""
 """Stage fields added after the shipped grounding build: in a recipe's digest only when set away from these
 defaults, so adding a field does not change the digest of recipes that do not use it."""
 
@@ -149,34 +158,35 @@ GROUNDING_RECIPE = BaseRecipe(name="ground")
 """The position-first build (shipped as ``weights/tiny-ground-seed0``): it grounds (locate boxes hold the tag
 0.91 vs 0.09 for a random box) but reads at chance; its colour stages did not learn (docs/REPRODUCTION.md)."""
 
-_COLOUR = {"lr": 3e-4, "vision_lr": 1e-3, "item_mean": True}
+_COLOUR = {"lr": 4e-4, "vision_lr": 1e-3, "item_mean": True, "keep_vision": 1.0}
+
 READING_RECIPE = BaseRecipe(
     name="base",
     parent=GROUNDING_RECIPE,
     scene=SceneSpec(choices=6, shuffle_choices=False),
     scenes=800,
     stages=(
-        # Colours on top of the position circuit (docs/REPRODUCTION.md, session 5): losses averaged per item
-        # (else the box replies' tokens drown the colour words), the vision side at 3x the language model's
-        # rate (which keeps the circuit), the biggest marks alone first (a mix of sizes delays the onset).
+        # Colours on top of the position circuit (docs/REPRODUCTION.md, sessions 5-6): losses averaged per item
+        # (else the box replies' tokens drown the colour words), the vision side at 2.5x the language model's
+        # rate, and its output on whole scenes held where it was (keep_vision: the circuit reads those features;
+        # without it the colour's onset erased the circuit), the biggest marks alone first.
         Stage("colour-big", 200, {"name": 0.6, "locate": 0.4}, marks=(0.7,), restart=True, **_COLOUR),
         Stage("colour-mid", 150, {"name": 0.6, "locate": 0.4}, marks=(0.7, 0.5), **_COLOUR),
-        Stage("read", 150, {"name": 0.4, "read": 0.2, "locate": 0.4}, marks=(0.5, 0.35, 0.25), **_COLOUR),
+        Stage("colour-small", 150, {"name": 0.5, "read": 0.1, "locate": 0.4}, marks=(0.5, 0.35, 0.25), restart=True,
+              **_COLOUR),
+        Stage("read", 100, {"name": 0.3, "read": 0.3, "locate": 0.4}, marks=(0.35, 0.25), **_COLOUR),
         # the formats MGPO's turns meet: two pictures (turn 2), long system prompts, a request to box first
         Stage(
-            "mixed", 150, {"read": 0.25, "name": 0.1, "locate": 0.25, "ask": 0.2, "read2": 0.2},
-            marks=(0.35, 0.25), long_system=True, decay=True, **_COLOUR,
+            "mixed", 150, {"read": 0.25, "name": 0.1, "locate": 0.3, "ask": 0.1, "read2": 0.25},
+            marks=(0.35, 0.25), long_system=True, decay=True, restart=True, **_COLOUR,
         ),
     ),
 )
-"""Candidate (not shipped): the position-first build, then colours and reading on top (fixed-order options: a
-colour keeps its letter). Not yet reliable (docs/REPRODUCTION.md, session 5): at these rates one build kept the
-position circuit but had not learnt colours after 350 steps; with the language model at 4e-4 and 70/30 items,
-one item stream learnt both (colour 0.78 on small marks, circuit kept) and another lost the circuit at the
-colour's onset."""
+"""The base MGPO starts from (shipped as ``weights/tiny-base-seed0``): the grounding build, then colours and
+reading on top (fixed-order options: a colour keeps its letter), then the formats MGPO's turns meet."""
 
-DEFAULT_RECIPE = GROUNDING_RECIPE
-"""The base MGPO starts from (``model.tiny: base``): the shipped grounding build."""
+DEFAULT_RECIPE = READING_RECIPE
+"""The base MGPO starts from (``model.tiny: base``)."""
 
 
 def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
@@ -484,6 +494,7 @@ def pretrain_base(
                 rng = random.Random(recipe.items_seed(seed, si))
             elif si == start_stage and si > 0:
                 raise ValueError(f"pretrain_base: stage {si} ({stage.name!r}) has no restart point; resume at one")
+            anchor = _frozen_copy(model.model.visual) if stage.keep_vision else None
             for k in range(stage.steps):
                 # per-stage warmup, then constant (or cosine to 10 % of the stage's lr)
                 frac = k / max(1, stage.steps)
@@ -494,8 +505,13 @@ def pretrain_base(
                 for g in opt.param_groups:
                     g["lr"] = (vision_lr if g["vision"] else stage.lr) * scale
                 items = _items(rng, pool, stage, recipe.batch_size)
-                batch = collate([encoder.encode(it) for it in items], model, special.pad, special.image_pad)
+                encoded = [encoder.encode(it) for it in items]
+                batch = collate(encoded, model, special.pad, special.image_pad)
                 loss, _ = reply_loss(model, batch, per_item=stage.item_mean)
+                if anchor is not None:
+                    scenes = [e for it, e in zip(items, encoded, strict=True) if it.task in _SCENE_TASKS]
+                    if scenes:
+                        loss = loss + stage.keep_vision * _feature_drift(model.model.visual, anchor, scenes)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -537,6 +553,28 @@ def pretrain_base(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     log(f"build-base: done in {manifest['build_seconds']:.0f} s -> {out}")
     return out
+
+
+def _frozen_copy(module: Any) -> Any:
+    import copy
+
+    twin = copy.deepcopy(module).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def _feature_drift(visual: Any, anchor: Any, encoded: Sequence[dict[str, Any]]) -> Any:
+    """Squared distance of ``visual``'s merged output from ``anchor``'s on these items' pictures, relative to
+    the anchor features' mean square (scale-free: 0 when unchanged, 1 when as far as the features are big)."""
+    import torch
+
+    pixels = torch.cat([e["pixels"] for e in encoded])
+    grid = torch.cat([e["grid"] for e in encoded])
+    with torch.no_grad():
+        ref = anchor(pixels, grid_thw=grid).pooler_output
+    now = visual(pixels, grid_thw=grid).pooler_output
+    return (now - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
 
 
 def _load_parent(model: Any, recipe: BaseRecipe, seed: int, root: Path, *, progress: bool, log: Callable) -> Path:
