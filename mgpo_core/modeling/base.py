@@ -80,10 +80,11 @@ class Stage:
 
 
 _ADDED_LATER = {"vision_lr": None, "item_mean": False, "keep_vision": 0.0}
-_SCENE_TASKS = ("square", "spot", "locate", "ask")
-"""Tasks whose one picture is a whole scene (``keep_vision`` holds the vision side's output on them)."""
 """Stage fields added after the shipped grounding build: in a recipe's digest only when set away from these
 defaults, so adding a field does not change the digest of recipes that do not use it."""
+
+_SCENE_TASKS = ("square", "spot", "locate", "ask")
+"""Tasks whose one picture is a whole scene (``keep_vision`` holds the vision side's output on them)."""
 
 
 @dataclass(frozen=True)
