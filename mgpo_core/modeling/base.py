@@ -2,10 +2,12 @@
 has the latent skills MGPO starts from (it can box a described object and read a close-up), deterministically
 from a seed, on a CPU.
 
-The recipe is staged because a randomly initialised VLM mixed straight into long prompts learns formats but not
-vision (ENVIRONMENT.md): first ``read`` (the vision path learns colours from close-ups), then ``locate`` joins,
-then the two-image and guess items and long random system prompts. Progress is watched through held-out
-accuracies and the gap between the loss with real and with zeroed pixels.
+The recipes are staged because a randomly initialised VLM mixed straight into long prompts learns formats but
+not vision (docs/REPRODUCTION.md): the shipped grounding build first learns where things are (squares, then the
+tag on small pictures, then full scenes); the default base, a child of it, then learns colours and reading from
+close-ups while the vision side's output on whole scenes is held in place (``Stage.keep_vision``), then the
+formats MGPO's turns meet. Progress is watched through held-out accuracies and the gap between the loss with
+real and with zeroed pixels.
 
 A recipe may extend another (``BaseRecipe.parent``): its build starts from the parent's model for the same
 seed (the shipped copy, or built first into the same cache), rounded to bfloat16 exactly as a shipped copy is,
