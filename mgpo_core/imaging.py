@@ -22,6 +22,7 @@ __all__ = [
     "crop_and_enlarge",
     "image_size",
     "open_image",
+    "overview_area_bound",
     "overview_size",
     "resize_for_model",
     "smart_resize",
@@ -316,6 +317,24 @@ def overview_size(
         h, w, factor=factor, min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS
     )
     return w_in, h_in
+
+
+def overview_area_bound(max_pixels: int, factor: int = 28, max_ratio: int = 200) -> int:
+    """An upper bound on the area :func:`overview_size` can return under ``max_pixels``.
+
+    Step 2 rounds each side to the nearest multiple of ``factor`` (at least ``factor``) with the processor's wide
+    limits, so an output may exceed ``max_pixels``: 71x602 under 64·28² becomes 84x616, 3 % over. A second
+    resizer that caps at ``max_pixels`` (vLLM's processor) would shrink it again, to 56x588; give it this bound
+    instead. After step 1 ``w·h <= max(max_pixels, min_pixels)`` with ``w/h <= max_ratio``, and each side grows by
+    at most ``factor / 2``, or to ``factor`` when shorter than that.
+    """
+    if max_pixels <= 0:
+        raise ValueError(f"overview_area_bound needs a positive max_pixels, got {max_pixels}")
+    long_side = math.sqrt(max_pixels * max_ratio)
+    half = factor / 2
+    rounded = max_pixels + half * (long_side + math.sqrt(max_pixels / max_ratio)) + half * half
+    thin = factor * (long_side + half)  # the short side rounded up to one factor
+    return math.ceil(max(rounded, thin))
 
 
 def visual_tokens(w_in: int, h_in: int, factor: int = 28) -> int:

@@ -21,6 +21,7 @@ from mgpo_core.imaging import (
     crop_and_enlarge,
     image_size,
     open_image,
+    overview_area_bound,
     overview_size,
     resize_for_model,
     smart_resize,
@@ -106,6 +107,30 @@ def test_overview_size_gives_multiples_of_28_near_the_pixel_limits(width, height
     # smart_resize moves each side by at most 14 px from a size whose area is within [min, max].
     slack = 14 * (w_in + h_in) + 14 * 14
     assert MIN_PIXELS - slack <= w_in * h_in <= MAX_PIXELS + slack
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    width=st.integers(1, 20_000),
+    ratio=st.floats(1.0, 200.0),
+    limits=st.sampled_from([(12544, 50176), (3136, 12544), (MIN_PIXELS, MAX_PIXELS), (784, 3136)]),
+)
+def test_overview_area_bound_holds_every_size_overview_size_makes(width, ratio, limits):
+    height = max(1, round(width / ratio))
+    assume(max(width, height) / min(width, height) <= 200)
+    lo, hi = limits
+    try:
+        w_in, h_in = overview_size(width, height, min_pixels=lo, max_pixels=hi)
+    except ValueError:  # step 1's truncation pushed the ratio past 200: refused, nothing to bound
+        assume(False)
+    assert w_in * h_in <= overview_area_bound(hi)
+
+
+def test_overview_area_bound_admits_a_crop_that_rounds_past_max_pixels():
+    w_in, h_in = overview_size(71, 602, min_pixels=12544, max_pixels=50176)
+    assert (w_in, h_in) == (84, 616) and w_in * h_in > 50176  # a processor capped at 50176 would shrink it
+    assert smart_resize(h_in, w_in, min_pixels=784, max_pixels=overview_area_bound(50176)) == (h_in, w_in)
+    assert overview_area_bound(50176) < 2 * 50176  # and the bound stays a bound, not "anything"
 
 
 def test_smart_resize_rounds_each_side_to_the_nearest_multiple():

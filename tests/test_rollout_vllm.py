@@ -13,7 +13,13 @@ import torch
 from scripted import box_reply
 
 from mgpo_core.episodes import encode_image
-from mgpo_core.imaging import crop_and_enlarge, open_image, overview_size, resize_for_model
+from mgpo_core.imaging import (
+    crop_and_enlarge,
+    open_image,
+    overview_area_bound,
+    overview_size,
+    resize_for_model,
+)
 from mgpo_core.rollout import ENGINES, GenerationRequest, GenerationResult, SamplingSpec, resolve_engine_name
 from mgpo_core.rollout import vllm_available as _vllm_available
 from mgpo_core.rollout.vllm_engine import (
@@ -94,7 +100,9 @@ def test_cpu_kwargs_cap_the_kv_cache_and_disable_sleep_mode(tiny_cfg, monkeypatc
     kw = build_llm_kwargs("/m", opts, RolloutSettings.from_config(tiny_cfg), on_cpu=True)
     assert kw["kv_cache_memory_bytes"] == 2 << 30 and kw["enable_sleep_mode"] is False
     assert kw["limit_mm_per_prompt"] == {"image": 2, "video": 0}
-    assert kw["mm_processor_kwargs"]["max_pixels"] == tiny_cfg.rollout.max_pixels
+    # vLLM's processor must not shrink an image that overview_size rounded past rollout.max_pixels
+    assert kw["mm_processor_kwargs"]["max_pixels"] == overview_area_bound(tiny_cfg.rollout.max_pixels)
+    assert kw["mm_processor_kwargs"]["max_pixels"] > tiny_cfg.rollout.max_pixels
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # vLLM's own variable wins over our default
     assert "kv_cache_memory_bytes" not in build_llm_kwargs("/m", opts, RolloutSettings(), on_cpu=True)
 
@@ -270,18 +278,27 @@ class TestVLLMOnCPU:
         proc, pb, st = tiny_bundle.image_processor, vllm_engine.prompts, vllm_engine.settings
         bounds = dict(min_pixels=st.min_pixels, max_pixels=st.max_pixels)
         reqs = []
-        for k, (s, frac) in enumerate(zip(synthetic_samples[:2], (0.25, 0.6), strict=True)):
+        first = open_image(synthetic_samples[0].image_path)
+        # A tall thin box whose enlarged crop overview_size rounds to more than max_pixels (the case that once
+        # made vLLM shrink the crop again and expand the prompt to fewer tokens than ours)
+        thin = next(
+            (0, 0, bw, bh)
+            for bh in range(first.height, 100, -1)
+            for bw in range(40, 200)
+            if overview_size(bw, bh, **bounds)[0] * overview_size(bw, bh, **bounds)[1] > st.max_pixels
+        )
+        for k, (s, frac) in enumerate(zip(synthetic_samples[:3], (0.25, 0.6, None), strict=True)):
             original = open_image(s.image_path)
             ov = resize_for_model(original, **bounds)
             w, h = original.size
-            crop = crop_and_enlarge(
-                original, (0, 0, int(w * frac), int(h * frac * 0.7)), **bounds, resample="nearest"
-            )
+            box = thin if frac is None else (0, 0, int(w * frac), int(h * frac * 0.7))
+            crop = crop_and_enlarge(original, box, **bounds, resample="nearest")
             img1, img2 = encode_image(proc, ov), encode_image(proc, crop)
             gen1 = pb.text_ids(box_reply(0, 0, 100, 60)) + [tiny_bundle.special.im_end]
             ids = pb.turn1_prompt(s, img1.n_tokens) + gen1 + pb.turn2_prompt(s, img2.n_tokens, valid_box=True)
-            reqs.append(GenerationRequest(ids, [img1, img2], [ov, crop], 12 - 4 * k))
+            reqs.append(GenerationRequest(ids, [img1, img2], [ov, crop], 12 - 3 * k))
         assert reqs[0].pil_images[1].size != reqs[1].pil_images[1].size != reqs[0].pil_images[0].size
+        assert reqs[2].pil_images[1].width * reqs[2].pil_images[1].height > st.max_pixels
         spec = SamplingSpec(12, greedy=True)
         v, h = vllm_engine._generate(reqs, spec, 1), hf_engine._generate(reqs, spec, 1)
         for req, (rv,), (rh,) in zip(reqs, v, h, strict=True):

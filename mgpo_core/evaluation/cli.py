@@ -64,6 +64,7 @@ def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
     from transformers import AutoConfig
 
     from mgpo_core.evaluation.direct import model_max_pixels
+    from mgpo_core.imaging import overview_area_bound
     from mgpo_core.modeling.loading import (
         load_image_processor,
         load_tokenizer,
@@ -83,7 +84,10 @@ def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
         image_processor=image_processor,
         special=special_tokens_from(tokenizer, rows),
         cfg=cfg,
-        mm_processor_kwargs={"min_pixels": 28 * 28, "max_pixels": max(cfg.rollout.max_pixels, direct)},
+        mm_processor_kwargs={
+            "min_pixels": 28 * 28,
+            "max_pixels": overview_area_bound(max(cfg.rollout.max_pixels, direct)),
+        },
     )
 
 

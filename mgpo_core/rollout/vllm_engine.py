@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from mgpo_core.episodes import PromptTemplates
+from mgpo_core.imaging import overview_area_bound
 from mgpo_core.modeling.loading import SpecialTokens
 from mgpo_core.rollout.base import (
     GenerationRequest,
@@ -143,8 +144,9 @@ def build_llm_kwargs(
         max_model_len=options.max_model_len,
         limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
         # smart_resize is the identity on an image whose sides are multiples of 28 and whose area lies in
-        # [min, max]: the smallest legal minimum and our own maximum keep every image we send at its size.
-        mm_processor_kwargs={"min_pixels": 28 * 28, "max_pixels": settings.max_pixels},
+        # [min, max]: the smallest legal minimum, and a maximum that admits every size overview_size makes under
+        # our own (its rounding may exceed rollout.max_pixels), keep every image we send at its size.
+        mm_processor_kwargs={"min_pixels": 28 * 28, "max_pixels": overview_area_bound(settings.max_pixels)},
         # Report the log-prob of each sampled token under the distribution it was drawn from (temperature,
         # logit bias, top-p applied), the one the trainer recomputes; "raw_logprobs" ignores the temperature.
         logprobs_mode="processed_logprobs",
