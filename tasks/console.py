@@ -170,17 +170,28 @@ def notice(text: str) -> None:
         logging.getLogger("mgpo").warning(text)
 
 
+def _cause_line(log_tail: str) -> str:
+    """The last ``SomeError: message`` line of a child process's log (rank prefixes dropped), or ""."""
+    for line in reversed(log_tail.splitlines()):
+        text = re.sub(r"^\[rank\d+\]:\s*", "", line).strip()
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", text):
+            return text if len(text) <= 300 else text[:300] + "…"
+    return ""
+
+
 def failure_paragraph(console: Console, exc: BaseException, rerun: str) -> str:
     """Which stage, what went wrong (one line), where the log is, how to rerun."""
     stage = console.failed_stage or "pipeline"
     log = console.failed_log or console.log_path("pipeline")
-    first = (str(exc).strip().splitlines() or [""])[0]
+    first = (str(exc).strip().splitlines() or [""])[0].removesuffix(" Last log lines:")
     if len(first) > 300:
         first = first[:300] + "…"
+    cause = _cause_line(getattr(exc, "log_tail", ""))
     return (
         f"\n✗ MGPO pipeline failed in stage '{stage}': {type(exc).__name__}: {first}\n"
-        f"  full log and traceback: {log}\n"
-        f"  rerun: {rerun}  (finished stages come from the cache; add --refresh to run every stage again)"
+        + (f"  cause: {cause}\n" if cause else "")
+        + f"  full log and traceback: {log}\n"
+        + f"  rerun: {rerun}  (finished stages come from the cache; add --refresh to run every stage again)"
     )
 
 

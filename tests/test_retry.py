@@ -91,10 +91,36 @@ def test_http_answers_5xx_and_429_are_retried_4xx_are_not(status, no_http_retrie
 def test_a_killed_training_process_is_retried_a_failed_one_is_not(tmp_path):
     killed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert classify(TrainingFailed(killed.returncode, "", tmp_path)).retry
-    torchrun_tail = "exitcode  : -9 (pid: 123)\nerror_file: <N/A>\ntraceback : Signal 9 (SIGKILL) received by PID 123"
+    torchrun_tail = (
+        "exitcode  : -9 (pid: 123)\nerror_file: <N/A>\ntraceback : Signal 9 (SIGKILL) received by PID 123"
+    )
     assert classify(TrainingFailed(1, torchrun_tail, tmp_path)).retry
     crashed = subprocess.run([sys.executable, "-c", "raise ValueError('bad batch')"], capture_output=True)
     assert not classify(TrainingFailed(crashed.returncode, crashed.stderr.decode(), tmp_path)).retry
+
+
+def test_a_failed_training_is_reported_with_its_cause_not_a_dangling_log_header(tmp_path):
+    from tasks.console import Console, failure_paragraph
+
+    crashed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; print('[rank0]: x = 1', file=sys.stderr); raise ValueError('bad batch')",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    tail = "\n".join(f"[rank0]: {line}" for line in crashed.stderr.splitlines())
+    text = failure_paragraph(
+        Console(tmp_path), TrainingFailed(crashed.returncode, tail, tmp_path), "mgpo run"
+    )
+    lines = text.strip().splitlines()
+    assert lines[0].endswith("resumes from the last checkpoint).") and "Last log lines" not in text, text
+    assert lines[1] == "  cause: ValueError: bad batch", text
+    # no cause line when the log names none
+    plain = failure_paragraph(Console(tmp_path), TrainingFailed(-9, "Killed", tmp_path), "mgpo run")
+    assert "cause:" not in plain and len(plain.strip().splitlines()) == 3
 
 
 _FLOW = """
