@@ -76,7 +76,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             import traceback
 
             traceback.print_exc()  # into the current log file
-            rerun = " ".join(shlex.quote(a) for a in ["mgpo", "run", *sys.argv[2:]]) if len(sys.argv) > 1 else "mgpo run"
+            rerun = (
+                " ".join(shlex.quote(a) for a in ["mgpo", "run", *sys.argv[2:]])
+                if len(sys.argv) > 1
+                else "mgpo run"
+            )
             failure = failure_paragraph(console, e, rerun)
     if failure is not None:
         print(failure, file=sys.stderr)
@@ -85,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
     park_output(console.log_path("pipeline"))
     return 0
+
+
+#: Per-benchmark grounding metrics the summary shows next to the scores (docs/USER_GUIDE.md explains them).
+HEADLINE_GROUNDING = ("/grounding/valid_box_ratio", "/grounding/crop_contains_gt")
 
 
 def print_summary(
@@ -108,11 +116,11 @@ def print_summary(
     print(f"           {promo['reason']}")
     base = (summary.get("baseline") or {}).get("metrics", {})
     if base:
-        print(f"{'':11}{'':34}{'base':>8}{'trained':>9}")
+        print(f"{'':11}{'':44}{'base':>8}{'trained':>9}")
     for k, v in sorted(ev["metrics"].items()):
-        if k.count("/") <= 2:
+        if k.count("/") <= 2 or k.endswith(HEADLINE_GROUNDING):
             b = f"{base[k]:8.4f}" if k in base else f"{'':8}"
-            print(f"metric     {k:<34}{b} {v:8.4f}" if base else f"metric     {k} = {v:.4f}")
+            print(f"metric     {k:<44}{b} {v:8.4f}" if base else f"metric     {k} = {v:.4f}")
     if ev.get("pictures"):
         print(f"pictures   {ev['pictures'][0]}")
     print(

@@ -1,7 +1,7 @@
 """Training from the shipped tiny base model through the production trainer (DeepSpeed on the CPU, the two-turn
-rollout). The learning test under the real answer reward (issue 14, item 4) waits for a base that reads its
-close-ups (docs/REPRODUCTION.md); what is checked now is that the trainer starts from the model the config names
-(it once ignored `model.tiny: base` and trained the random tiny model)."""
+rollout): it starts from the model the config names (it once ignored `model.tiny: base` and trained the random
+tiny model), and MGPO under the real answer reward raises held-out accuracy (docs/REPRODUCTION.md sizes the
+margin from the spread over seeds)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import json
 import pytest
 
 from mgpo_core.config import load_config
+
+#: RL steps of the learning test, and the gain in greedy held-out accuracy it must show (64 questions).
+LEARN_STEPS = 8
+LEARN_MIN_GAIN = 0.12
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +48,35 @@ def test_training_starts_from_the_base_model_the_config_names(tmp_path):
     # The base replies in its trained formats (a ~44-token box, or a few tokens ending in a lettered \boxed{});
     # the random model runs to the 64-token cap.
     assert m["rollout/turn1_hit_max_rate"] < 0.2 and m["rollout/response_len_turn1"] < 50, m
+
+
+def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
+    """The paper's claim in miniature: the binary answer reward through the two-turn template and the multi-turn
+    mask, nothing else, lifts greedy accuracy on held-out questions (another random stream) within a few steps.
+    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): the gain is far above
+    LEARN_MIN_GAIN; the base model's own accuracy is the step-0 evaluation of the same run."""
+    from mgpo_core.training.entry import load_training_samples
+    from mgpo_core.training.trainer import MGPOTrainer
+
+    cfg = load_config(
+        "tiny-base-cpu",
+        [
+            f"state_dir={tmp_path}",
+            f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"algorithm.total_steps={LEARN_STEPS}",
+            f"evaluation.during_training_every={LEARN_STEPS}",
+            "evaluation.during_training_limit=64",
+            "tracking.log_episodes_every=0",
+            "checkpoint.every_steps=100",
+            "checkpoint.export_hf=false",
+        ],
+    )
+    MGPOTrainer(cfg, tmp_path / "run", load_training_samples(cfg), progress=False).train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["metrics"]["val/accuracy"] for r in rows if "val/accuracy" in r["metrics"]}
+    reward = [r["metrics"]["reward/mean"] for r in rows if "reward/mean" in r["metrics"]]
+    assert sorted(val) == [0, LEARN_STEPS], val
+    assert val[LEARN_STEPS] - val[0] >= LEARN_MIN_GAIN, (val, reward)
+    # the training reward moves the same way (first vs last quarter of the run)
+    k = max(1, LEARN_STEPS // 4)
+    assert sum(reward[-k:]) / k > sum(reward[:k]) / k, reward
