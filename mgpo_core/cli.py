@@ -27,7 +27,11 @@ STAGE_CLIS = (
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="preset name (tiny-cpu, qwen2.5-vl-7b-8gpu) or a YAML path")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="preset name (tiny-base-cpu, the default; tiny-cpu; qwen2.5-vl-7b-8gpu) or a YAML path",
+    )
     p.add_argument(
         "--set",
         dest="overrides",

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-DEFAULT_PRESET = "tiny-cpu"
+DEFAULT_PRESET = "tiny-base-cpu"
 HASH_EXCLUDED_FIELDS: tuple[str, ...] = ("tracking", "run_name", "state_dir", "preset")
 """Top-level fields left out of `config_hash`: they name or locate a run but never change what it computes."""
 HASH_EXCLUDED_SUBFIELDS: dict[str, tuple[str, ...]] = {
@@ -767,7 +767,7 @@ def config_from_dict(data: Mapping[str, Any], context: str = "") -> MGPOConfig:
 
 
 def load_config(preset_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> MGPOConfig:
-    """Loads a packaged preset by name (None = "tiny-cpu") or a YAML file by path, then applies overrides.
+    """Loads a packaged preset by name (None = DEFAULT_PRESET, "tiny-base-cpu") or a YAML file by path, then applies overrides.
 
     A YAML may start from another with `base: <preset name or path relative to it>`; mappings merge key by key,
     lists and scalars replace. Overrides are `dotted.key=value` with the value parsed as YAML

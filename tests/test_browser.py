@@ -122,7 +122,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         assert up.returncode == 0, f"mgpo servers up failed:\n{up.stdout}\n{up.stderr}"
         run_env = {**env, "MGPO_TASK_RETRIES": "0"}
         sets = [a for s in SETS for a in ("--set", s)]
-        run = mgpo("run", "--set", f"state_dir={state}", *sets, env=run_env, timeout=900)
+        run = mgpo("run", "--preset", "tiny-cpu", "--set", f"state_dir={state}", *sets, env=run_env, timeout=900)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         yield Stack(
             state,

@@ -59,12 +59,13 @@ def test_both_presets_are_packaged_and_load(model_dir_env: Path) -> None:
     assert load_config(PAPER).preset == PAPER
 
 
-def test_no_argument_loads_the_tiny_cpu_preset() -> None:
-    assert load_config() == load_config("tiny-cpu")
+def test_no_argument_loads_the_embedded_default_the_base_model_run() -> None:
+    cfg = load_config()
+    assert cfg == load_config("tiny-base-cpu") and cfg.model.tiny == "base"
 
 
 def test_tiny_cpu_preset_is_sized_for_a_cpu() -> None:
-    cfg = load_config()
+    cfg = load_config("tiny-cpu")
     assert cfg.model.path is None and cfg.model.dtype == "float32"
     assert cfg.rollout.n == 4 and cfg.rollout.engine == "auto"
     assert (cfg.rollout.max_new_tokens_turn1, cfg.rollout.max_new_tokens_turn2) == (48, 32)
@@ -166,7 +167,7 @@ def test_unquoted_template_override_is_taken_verbatim() -> None:
 
 
 def test_mapping_override_merges_into_the_section() -> None:
-    cfg = load_config(overrides=["checkpoint={keep_last: 5}"])
+    cfg = load_config("tiny-cpu", ["checkpoint={keep_last: 5}"])
     assert cfg.checkpoint.keep_last == 5 and cfg.checkpoint.every_steps == 2
 
 
@@ -234,7 +235,7 @@ def test_mini_batch_that_does_not_divide_the_step_lists_valid_sizes() -> None:
 
 
 def test_rejected_assignment_raises_config_error_and_keeps_the_old_value() -> None:
-    cfg = load_config()
+    cfg = load_config("tiny-cpu")
     with pytest.raises(ConfigError, match="algorithm.mini_batch_prompts"):
         cfg.algorithm.mini_batch_prompts = 3
     assert cfg.algorithm.mini_batch_prompts == 2
@@ -452,7 +453,7 @@ def test_non_mapping_yaml_is_rejected(tmp_path: Path) -> None:
 
 
 def test_flatten_config_has_one_string_per_leaf_field() -> None:
-    flat = flatten_config(load_config())
+    flat = flatten_config(load_config("tiny-cpu"))
     assert sorted(flat) == sorted(_leaf_paths())
     assert all(isinstance(v, str) for v in flat.values())
     assert flat["algorithm.kl_coef"] == "0.01" and flat["model.path"] == "null"

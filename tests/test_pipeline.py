@@ -43,7 +43,7 @@ SETS = [
 
 
 def run_pipeline(state: Path, *, fail: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mgpo_core.cli", "run", "--set", f"state_dir={state}"]
+    cmd = [sys.executable, "-m", "mgpo_core.cli", "run", "--preset", "tiny-cpu", "--set", f"state_dir={state}"]
     for s in (*SETS, *extra):
         cmd += ["--set", s]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}

@@ -208,7 +208,7 @@ def test_mgpo_deploy_registers_the_nightly_deployment_with_its_cron_and_limit(pr
     assert sched.active
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert dep.work_pool_name == "mgpo-process"
-    assert dep.parameters["preset"] == "tiny-cpu"
+    assert dep.parameters["preset"] == "tiny-base-cpu"
     assert f"state_dir={prefect_server.state.resolve()}" in dep.parameters["overrides"]
     steps = [s.get("prefect.deployments.steps.set_working_directory") for s in dep.pull_steps or []]
     assert {"directory": str(REPO)} in steps
