@@ -40,7 +40,11 @@ ARMS: dict[str, list[str]] = {
     "final_turn": ["algorithm.loss_turns=final"],
 }
 COLOURS = {"mgpo": (214, 39, 40), "grpo": (31, 119, 180), "final_turn": (44, 160, 44)}
-LABELS = {"mgpo": "MGPO (two turns, both trained)", "grpo": "GRPO (single turn)", "final_turn": "ablation: final turn only"}
+LABELS = {
+    "mgpo": "MGPO (two turns, both trained)",
+    "grpo": "GRPO (single turn)",
+    "final_turn": "ablation: final turn only",
+}
 
 
 def arm_overrides(args: argparse.Namespace, arm: str, seed: int) -> list[str]:
@@ -82,14 +86,28 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int) -> Path:
     log_path = run_dir / "train.log"
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, "-u", "-m", "mgpo_core.training.entry", "--config", str(cfg_path),
-             "--run-dir", str(run_dir), "--no-progress"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                sys.executable,
+                "-u",
+                "-m",
+                "mgpo_core.training.entry",
+                "--config",
+                str(cfg_path),
+                "--run-dir",
+                str(run_dir),
+                "--no-progress",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")},
         )
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-20:]
-        raise SystemExit(f"[{arm} seed {seed}] training failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail))
+        raise SystemExit(
+            f"[{arm} seed {seed}] training failed (exit {proc.returncode}); log {log_path}:\n"
+            + "\n".join(tail)
+        )
     print(f"[{arm} seed {seed}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
@@ -179,9 +197,12 @@ def summarise(results: dict[str, dict[int, dict]], window: int) -> dict[str, dic
             r0, r1 = first_last(c.get("reward/mean", []), window)
             acc = c.get("val/accuracy", [])
             rows[seed] = {
-                "valid_box_first": vb0, "valid_box_last": vb1,
-                "contains_first": ct0, "contains_last": ct1,
-                "reward_first": r0, "reward_last": r1,
+                "valid_box_first": vb0,
+                "valid_box_last": vb1,
+                "contains_first": ct0,
+                "contains_last": ct1,
+                "reward_first": r0,
+                "reward_last": r1,
                 "val_acc_base": acc[0][1] if acc else float("nan"),
                 "val_acc_final": acc[-1][1] if acc else float("nan"),
                 "val_valid_box_final": (c.get("val/valid_box_ratio") or [(0, float("nan"))])[-1][1],
@@ -192,8 +213,10 @@ def summarise(results: dict[str, dict[int, dict]], window: int) -> dict[str, dic
 
 
 def markdown(table: dict[str, dict]) -> str:
-    head = ("| arm | seed | valid-box (first→last) | box⊇target (first→last) | reward (first→last) | "
-            "val acc (base→final) | val valid-box (final) | train time |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| arm | seed | valid-box (first→last) | box⊇target (first→last) | reward (first→last) | "
+        "val acc (base→final) | val valid-box (final) | train time |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for arm, rows in table.items():
         for seed, r in rows.items():
@@ -216,16 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="RL steps per arm (20: 2 seeds x 3 arms fit in ~25 min on 2 cores)",
+    )
     p.add_argument("--prompts", type=int, default=16, help="prompts per RL step")
     p.add_argument("--n", type=int, default=4, help="rollouts per prompt")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=64, help="held-out questions per validation")
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and held-out splits")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm", "auto"])
+    p.add_argument(
+        "--engine",
+        default="vllm",
+        choices=["hf", "vllm", "auto"],
+        help="rollout engine (the product trains with vLLM)",
+    )
     p.add_argument("--preset", default="tiny-base-cpu")
-    p.add_argument("--state", default=str(ROOT / ".mgpo"), help="state folder (base model cache, data, MLflow)")
+    p.add_argument(
+        "--state", default=str(ROOT / ".mgpo"), help="state folder (base model cache, data, MLflow)"
+    )
     p.add_argument("--out", default=str(ROOT / ".mgpo" / "reproduce"))
     p.add_argument("--window", type=int, default=5, help="steps averaged for first/last figures and curves")
     p.add_argument("--fresh", action="store_true", help="retrain arms that finished before")
@@ -245,15 +280,25 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_arm(args, arm, seed)
             results.setdefault(arm, {})[seed] = {
                 "curves": read_curves(run_dir),
-                "seconds": json.loads((run_dir / "manifest.json").read_text()).get("wall_seconds", time.perf_counter() - ts),
+                "seconds": json.loads((run_dir / "manifest.json").read_text()).get(
+                    "wall_seconds", time.perf_counter() - ts
+                ),
                 "run_dir": str(run_dir),
             }
     out = Path(args.out)
     picture = draw_curves(results, out / "curves.png", args.steps, args.window)
     table = summarise(results, args.window)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "table": table,
-                                                  "curves": {a: {s: r["curves"] for s, r in v.items()} for a, v in results.items()}},
-                                                 indent=1, default=str))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "table": table,
+                "curves": {a: {s: r["curves"] for s, r in v.items()} for a, v in results.items()},
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(markdown(table))
     print(f"\npicture {picture}\nsummary {out / 'summary.json'}\ntotal {time.perf_counter() - t0:.0f} s")
     return 0

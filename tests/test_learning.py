@@ -13,7 +13,7 @@ from mgpo_core.config import load_config
 
 #: RL steps of the learning test, and the gain in greedy held-out accuracy it must show (64 questions).
 LEARN_STEPS = 8
-LEARN_MIN_GAIN = 0.12
+LEARN_MIN_GAIN = 0.15
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +53,10 @@ def test_training_starts_from_the_base_model_the_config_names(tmp_path):
 def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
     """The paper's claim in miniature: the binary answer reward through the two-turn template and the multi-turn
     mask, nothing else, lifts greedy accuracy on held-out questions (another random stream) within a few steps.
-    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): the gain is far above
-    LEARN_MIN_GAIN; the base model's own accuracy is the step-0 evaluation of the same run."""
-    from mgpo_core.training.entry import load_training_samples
-    from mgpo_core.training.trainer import MGPOTrainer
+    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): 0.39 at step 0 (the
+    base model), gains 0.30, 0.33, 0.33, 0.34 at step 8; LEARN_MIN_GAIN sits ~2.5 standard errors of one
+    64-question evaluation (0.06) below the smallest, and ~9 seed standard deviations (0.02) below the mean."""
+    from mgpo_core.training.launch import launch_training
 
     cfg = load_config(
         "tiny-base-cpu",
@@ -71,7 +71,8 @@ def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
             "checkpoint.export_hf=false",
         ],
     )
-    MGPOTrainer(cfg, tmp_path / "run", load_training_samples(cfg), progress=False).train()
+    # as the pipeline trains: its own launched process (DeepSpeed on the CPU, vLLM rollouts where installed)
+    launch_training(cfg, tmp_path / "run", timeout_s=900)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["metrics"]["val/accuracy"] for r in rows if "val/accuracy" in r["metrics"]}
     reward = [r["metrics"]["reward/mean"] for r in rows if "reward/mean" in r["metrics"]]

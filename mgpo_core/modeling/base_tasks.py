@@ -27,7 +27,12 @@ Tasks (each item is one single-turn conversation; only the reply is trained):
 - ``read2``: the overview and a close-up as two images + a question with options -> ``red \\boxed{C}`` (the
   model learns to read the answer off the second picture when it shows the tag);
 - ``guess``: the overview twice (no close-up) + a question with options -> the right letter, which cannot be seen:
-  the model learns that without a close-up it can only guess.
+  the model learns that without a close-up it can only guess;
+- ``direct``: the overview + the bare question (no options; sometimes a short tail asking for a brief reply) ->
+  a colour word straight away, usually a guess at these mark sizes. This is what a real VLM does with a bare
+  question by default. With it, a question without options no longer always means "box first" (``ask``). The
+  box request's own words decide, and MGPO's request, worded unlike both, meets a model that boxes only
+  sometimes: the cold start.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 GRID = 28
 """Qwen2.5-VL's merged-patch size: one visual token per 28x28 pixels of the image the model sees."""
 
-TASKS = ("square", "spot", "name", "read", "locate", "ask", "read2", "guess")
+TASKS = ("square", "spot", "name", "read", "locate", "ask", "read2", "guess", "direct")
 
 _LOCATE_REQUESTS = (
     "Locate the small white tag. Reply with its bounding box.",
@@ -73,6 +78,7 @@ _ASK_TAILS = (
     "Answer later; for now reply with the JSON box of the spot to look at closely.",
     "Which part of the image holds the answer? Reply with its box only.",
 )
+_DIRECT_TAILS = ("", "", "Answer in one word.", "Just the colour, please.", "Keep it short.", "Tell me quickly.")
 _OPTION_HEADERS = ("Options:", "Choices:", "Pick one of these:", "")
 _TWO_IMAGE_LEADS = (
     "The first picture is a whole scene and the second one a close-up of part of it.",
@@ -325,6 +331,9 @@ def make_item(
         else:
             text = rng.choice(_LOCATE_REQUESTS)
         return PretrainItem(task, system, [scene.overview], text, box_reply(box), box=tuple(box))
+    if task == "direct":
+        text = "\n".join(x for x in (rng.choice(_QUESTIONS), rng.choice(_DIRECT_TAILS)) if x)
+        return PretrainItem(task, system, [scene.overview], text, scene.value)
     if task == "name":
         crop = _tight_crop(scene, rng, spec) if rng.random() < 0.7 else _close_up(scene, rng, spec)
         return PretrainItem(task, system, [crop], rng.choice(_NAME_REQUESTS), scene.value)
