@@ -83,7 +83,9 @@ def test_centre_boxes_are_one_3x3_block_per_token_that_holds_the_tag_and_parses(
 def test_square_and_spot_items_box_the_token_the_object_is_on():
     rng = random.Random(3)
     for _ in range(20):
-        it = make_item("square", None, rng, SPEC, long_system=False, grid=(rng.randint(2, 5), rng.randint(2, 5)))
+        it = make_item(
+            "square", None, rng, SPEC, long_system=False, grid=(rng.randint(2, 5), rng.randint(2, 5))
+        )
         im = it.images[0]
         x1, y1, x2, y2 = it.box
         assert (x2 - x1, y2 - y1) == (GRID, GRID) and x2 <= im.width and y2 <= im.height
@@ -112,7 +114,10 @@ def test_ask_items_box_the_tag_and_fixed_order_reads_give_each_colour_one_letter
         assert parse_grounding_box(it.reply, w, h, GroundingOptions()).valid
         rd = make_item("read", sc, rng, fixed, long_system=False)
         assert rd.reply == f"{sc.value} \\boxed{{{rd.answer}}}"
-        assert all(f"({letter}) {v}" in rd.user_text for letter, v in zip("ABCDEF", VOCABULARY["colour"], strict=True))
+        assert all(
+            f"({letter}) {v}" in rd.user_text
+            for letter, v in zip("ABCDEF", VOCABULARY["colour"], strict=True)
+        )
         letters.setdefault(sc.value, set()).add(rd.answer)
     assert all(len(v) == 1 for v in letters.values()) and len(letters) > 2, letters
 
@@ -175,14 +180,20 @@ def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_key
     from safetensors.torch import load_file
 
     parent = base.BaseRecipe(
-        name="p", stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),), batch_size=4, scenes=8, mark_levels=(0.7,)
+        name="p",
+        stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),),
+        batch_size=4,
+        scenes=8,
+        mark_levels=(0.7,),
     )
     # one step with the vision side's rate at 0: the vision weights must stay exactly the parent's (rounded)
     child = dataclasses.replace(
         parent,
         name="c",
         parent=parent,
-        stages=(base.Stage("one", 1, {"name": 1.0}, marks=(0.7,), restart=True, vision_lr=0.0, item_mean=True),),
+        stages=(
+            base.Stage("one", 1, {"name": 1.0}, marks=(0.7,), restart=True, vision_lr=0.0, item_mean=True),
+        ),
     )
     lines: list[str] = []
     path = base.base_model_dir(tmp_path, 0, recipe=child, progress=False, log=lines.append)
@@ -200,15 +211,22 @@ def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_key
     for k in vision:
         assert torch.equal(mine[k], theirs[k].to(torch.bfloat16).to(torch.float32)), k
     assert any(not torch.equal(mine[k], theirs[k]) for k in vision)  # the rounding did happen
-    assert any(not torch.equal(mine[k], v.to(torch.bfloat16).to(torch.float32)) for k, v in theirs.items() if k not in vision)
+    assert any(
+        not torch.equal(mine[k], v.to(torch.bfloat16).to(torch.float32))
+        for k, v in theirs.items()
+        if k not in vision
+    )
     # the parent's recipe is part of the child's key; a child cannot change the architecture
     other = dataclasses.replace(child, parent=dataclasses.replace(parent, scenes=9))
     assert other.digest() != child.digest()
     # stage fields added later enter the digest only when set (the shipped grounding build's digest is stable)
     plain = base.Stage("c", 2, {"name": 1.0})
-    assert dataclasses.replace(parent, stages=(plain,)).digest() == dataclasses.replace(
-        parent, stages=(dataclasses.replace(plain, vision_lr=None, item_mean=False),)
-    ).digest()
+    assert (
+        dataclasses.replace(parent, stages=(plain,)).digest()
+        == dataclasses.replace(
+            parent, stages=(dataclasses.replace(plain, vision_lr=None, item_mean=False),)
+        ).digest()
+    )
     assert dataclasses.replace(parent, stages=(dataclasses.replace(plain, item_mean=True),)).digest() != (
         dataclasses.replace(parent, stages=(plain,)).digest()
     )
@@ -226,18 +244,26 @@ def test_keep_vision_holds_the_vision_output_on_scene_pictures(tmp_path):
     from safetensors.torch import load_file
 
     parent = base.BaseRecipe(
-        name="p", stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),), batch_size=4, scenes=8, mark_levels=(0.7,)
+        name="p",
+        stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),),
+        batch_size=4,
+        scenes=8,
+        mark_levels=(0.7,),
     )
-    stage = base.Stage("move", 3, {"name": 0.5, "locate": 0.5}, marks=(0.7,), restart=True, lr=0.0,
-                       vision_lr=3e-3)
+    stage = base.Stage(
+        "move", 3, {"name": 0.5, "locate": 0.5}, marks=(0.7,), restart=True, lr=0.0, vision_lr=3e-3
+    )
     runs = {}
     for keep in (0.0, 100.0):
-        child = dataclasses.replace(parent, name=f"k{keep:g}", parent=parent,
-                                    stages=(dataclasses.replace(stage, keep_vision=keep),))
+        child = dataclasses.replace(
+            parent, name=f"k{keep:g}", parent=parent, stages=(dataclasses.replace(stage, keep_vision=keep),)
+        )
         runs[keep] = base.base_model_dir(tmp_path, 0, recipe=child, progress=False, log=lambda _: None)
     assert runs[0.0].name != runs[100.0].name  # keep_vision is part of the digest
-    theirs = {k: v.to(torch.bfloat16).to(torch.float32)
-              for k, v in load_file(next(tmp_path.glob("p-*")) / "model.safetensors").items()}
+    theirs = {
+        k: v.to(torch.bfloat16).to(torch.float32)
+        for k, v in load_file(next(tmp_path.glob("p-*")) / "model.safetensors").items()
+    }
     models = {keep: load_model(path, dtype="float32") for keep, path in runs.items()}
     for keep in models:
         mine = load_file(runs[keep] / "model.safetensors")
@@ -249,15 +275,23 @@ def test_keep_vision_holds_the_vision_output_on_scene_pictures(tmp_path):
     encoder = base.ItemEncoder(bundle.tokenizer, bundle.image_processor, bundle.special)
     rng = random.Random(3)
     spec = parent.scene
-    items = [encoder.encode(make_item("locate", make_scene(rng, spec, 0.7), rng, spec, long_system=False))
-             for _ in range(4)]
+    items = [
+        encoder.encode(make_item("locate", make_scene(rng, spec, 0.7), rng, spec, long_system=False))
+        for _ in range(4)
+    ]
     pixels, grid = torch.cat([e["pixels"] for e in items]), torch.cat([e["grid"] for e in items])
-    start = load_model(next(tmp_path.glob("p-*")), dtype="float32")  # the children's start: the parent, rounded
+    start = load_model(
+        next(tmp_path.glob("p-*")), dtype="float32"
+    )  # the children's start: the parent, rounded
     start.load_state_dict({k: v.to(torch.bfloat16).to(torch.float32) for k, v in start.state_dict().items()})
     with torch.no_grad():
         ref = start.model.visual(pixels, grid_thw=grid).pooler_output
-        drift = {k: float((m.model.visual(pixels, grid_thw=grid).pooler_output - ref).pow(2).mean() / ref.pow(2).mean())
-                 for k, m in models.items()}
+        drift = {
+            k: float(
+                (m.model.visual(pixels, grid_thw=grid).pooler_output - ref).pow(2).mean() / ref.pow(2).mean()
+            )
+            for k, m in models.items()
+        }
     assert drift[100.0] < 0.5 * drift[0.0], drift
 
 
@@ -275,9 +309,14 @@ def test_per_item_reply_loss_weighs_every_item_alike_whatever_its_reply_length()
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 5)
     labels = torch.tensor([[-100, 1, 2, 3, 4, 0], [-100, -100, -100, -100, 2, -100]])
-    batch = {k: None for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "image_grid_thw")}
+    batch = {
+        k: None
+        for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "image_grid_thw")
+    }
     batch |= {"labels": labels, "pixel_values": torch.zeros(1)}
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none"
+    )
     mask = labels[:, 1:] != -100
     per_item = [(ce[i] * mask[i]).sum() / mask[i].sum() for i in range(2)]
     tok, _ = base.reply_loss(Fixed(logits), batch)
@@ -290,8 +329,15 @@ def test_per_item_reply_loss_weighs_every_item_alike_whatever_its_reply_length()
 # -- the shipped base model ----------------------------------------------------------------------------------
 # Floors (docs/REPRODUCTION.md): measured on the shipped bf16 copy with ``base.skill_report`` (HF engine, greedy,
 # 64 fresh scenes of another random stream than the build's), with room for CPU/bf16 numerics.
-# Reading a close-up is not in the floor yet: the shipped build reads at chance (0.19 vs 0.25; docs/REPRODUCTION.md).
-FLOOR = {"locate/valid": 0.9, "locate/contains_target": 0.75, "read/accuracy": 0.7, "name/accuracy": 0.8}
+# docs/REPRODUCTION.md states the shipped figures (locate 1.00 / 0.92, ask 0.98 / 0.89, read 0.92, name 0.97).
+FLOOR = {
+    "locate/valid": 0.9,
+    "locate/contains_target": 0.75,
+    "ask/valid": 0.9,
+    "ask/contains_target": 0.7,
+    "read/accuracy": 0.7,
+    "name/accuracy": 0.8,
+}
 
 
 def test_the_shipped_base_is_the_current_recipe_and_meets_its_skill_floor():
@@ -308,3 +354,18 @@ def test_the_shipped_base_is_the_current_recipe_and_meets_its_skill_floor():
         assert skills[k] >= floor, f"{k} = {skills[k]:.3f} < floor {floor} ({skills})"
     # grounding is real: far above a random box of the same size
     assert skills["locate/contains_target"] >= 3 * skills["locate/random_box_contains"] + 0.1, skills
+
+
+def test_mgpo_s_own_template_rarely_triggers_the_shipped_bases_grounding(tmp_path):
+    """The cold start, as in the paper: the base boxes when asked in the words it was trained on (floor above), but
+    MGPO's turn-1 request, worded unlike anything it saw, gets a box only now and then (sampled at T = 1): rare
+    enough for the valid-box curve to have room to rise, frequent enough for RL to find the boxes it rewards."""
+    from mgpo_core.evaluation.cli import build_engine
+    from mgpo_core.training.entry import load_eval_samples
+
+    cfg = load_config("tiny-base-cpu", [f"state_dir={tmp_path}"])
+    engine = build_engine(cfg, "hf")
+    eps = engine.generate_episodes(load_eval_samples(cfg)[:32], 4, greedy=False, seed=0)
+    valid = sum(e.grounding.valid for e in eps) / len(eps)
+    print(f"valid boxes under MGPO's turn 1, sampled: {valid:.3f}")
+    assert 0.02 <= valid <= 0.35, valid

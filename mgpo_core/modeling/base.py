@@ -188,7 +188,30 @@ READING_RECIPE = BaseRecipe(
 """The base MGPO starts from (shipped as ``weights/tiny-base-seed0``): the grounding build, then colours and
 reading on top (fixed-order options: a colour keeps its letter), then the formats MGPO's turns meet."""
 
-DEFAULT_RECIPE = READING_RECIPE
+_COLD_ASK, _COLD_DIRECT = 0.1, 0.02
+_COLD_REST = 1.0 - _COLD_ASK - _COLD_DIRECT
+
+COLD_RECIPE = BaseRecipe(
+    name="cold",
+    parent=READING_RECIPE,
+    scene=SceneSpec(choices=6, shuffle_choices=False),
+    scenes=400,
+    stages=(
+        # A bare question now usually gets a direct (guessed) answer, as a real VLM gives one, so a question
+        # without options no longer always means "box first": MGPO's request meets a model that boxes only
+        # sometimes (docs/REPRODUCTION.md, the cold start).
+        Stage(
+            "cold", 100,
+            {"read": 0.3 * _COLD_REST, "name": 0.1 * _COLD_REST, "locate": 0.3 * _COLD_REST, "read2": 0.3 * _COLD_REST,
+             "ask": _COLD_ASK, "direct": _COLD_DIRECT},
+            marks=(0.35, 0.25), long_system=True, decay=True, restart=True, **_COLOUR,
+        ),
+    ),
+)
+"""The reading base, then a short stage with bare questions answered directly: the cold start of the paper's
+base model in miniature (shipped as ``weights/tiny-cold-seed0``)."""
+
+DEFAULT_RECIPE = COLD_RECIPE
 """The base MGPO starts from (``model.tiny: base``)."""
 
 
