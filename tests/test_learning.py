@@ -13,7 +13,7 @@ from mgpo_core.config import load_config
 
 #: RL steps of the learning test, and the gain in greedy held-out accuracy it must show (64 questions).
 LEARN_STEPS = 8
-LEARN_MIN_GAIN = 0.15
+LEARN_MIN_GAIN = 0.2
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +53,9 @@ def test_training_starts_from_the_base_model_the_config_names(tmp_path):
 def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
     """The paper's claim in miniature: the binary answer reward through the two-turn template and the multi-turn
     mask, nothing else, lifts greedy accuracy on held-out questions (another random stream) within a few steps.
-    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): 0.39 at step 0 (the
-    base model), gains 0.30, 0.33, 0.33, 0.34 at step 8; LEARN_MIN_GAIN sits ~2.5 standard errors of one
-    64-question evaluation (0.06) below the smallest, and ~9 seed standard deviations (0.02) below the mean."""
+    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): 0.22 at step 0 (the
+    cold-start base), gains 0.42, 0.47, 0.41, 0.39 at step 8. LEARN_MIN_GAIN sits 3 standard errors of one
+    64-question evaluation (0.06) below the smallest, and ~6 seed standard deviations (0.03) below the mean."""
     from mgpo_core.training.launch import launch_training
 
     cfg = load_config(
