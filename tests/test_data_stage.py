@@ -198,6 +198,15 @@ def test_progress_bar_counts_the_rows(tmp_path, synth, capsys):
 # ---------------------------------------------------------------- command line
 
 
+def test_cli_synth_refuses_an_image_too_small_for_the_tag_before_writing_anything(tmp_path, capsys):
+    # the default preset's 80-px tag needs 320 px per side
+    code = main(["data", "synth", "--out", str(tmp_path / "syn"), "--train", "2", "--eval", "1", "--width", "320", "--height", "240",
+                 "--set", f"state_dir={tmp_path / 'state'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "80-px tag" in err and "at least 320 px" in err and "data.synthetic_tag_px=60" in err, err
+    assert not (tmp_path / "syn").exists()
+
+
 def test_cli_synth_then_filter_writes_splits_and_a_dataset(tmp_path, capsys):
     state = f"state_dir={tmp_path / 'state'}"
     assert (
@@ -217,6 +226,8 @@ def test_cli_synth_then_filter_writes_splits_and_a_dataset(tmp_path, capsys):
                 "240",
                 "--seed",
                 "5",
+                "--preset",
+                "tiny-cpu",
                 "--set",
                 state,
             ]

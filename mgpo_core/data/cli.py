@@ -19,17 +19,28 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from mgpo_core.data.synthetic import synthetic_options, write_synthetic_dataset
 
     cfg = load_from_args(args)
+    options = {
+        **synthetic_options(cfg),
+        "seed": cfg.data.shuffle_seed if args.seed is None else args.seed,
+        "width": args.width or cfg.data.synthetic_width,
+        "height": args.height or cfg.data.synthetic_height,
+    }
+    side = 4 * options["min_target_px"]
+    if min(options["width"], options["height"]) < side:  # checked before anything is written
+        print(
+            f"mgpo data synth: a {options['width']}x{options['height']} image is too small for the config's "
+            f"{options['min_target_px']}-px tag (data.synthetic_tag_px): each side needs at least {side} px. "
+            f"Pass --width/--height of {side} or more, or a smaller tag, e.g. --set data.synthetic_tag_px="
+            f"{max(1, min(options['width'], options['height']) // 4)}",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     paths = write_synthetic_dataset(
         args.out,
         args.train,
         args.eval,
-        **{
-            **synthetic_options(cfg),
-            "seed": cfg.data.shuffle_seed if args.seed is None else args.seed,
-            "width": args.width or cfg.data.synthetic_width,
-            "height": args.height or cfg.data.synthetic_height,
-        },
+        **options,
         image_format=args.image_format,
         overview_max_pixels=cfg.rollout.max_pixels,
         workers=args.workers,
