@@ -444,7 +444,11 @@ def promote_task(
         min_improvement=cfg.evaluation.min_improvement,
         baseline_score=(baseline or {}).get("metrics", {}).get(metric),
     )
-    progress(f"promote   {'champion is now v' + str(d.version) if d.promoted else 'champion unchanged'}: {d.reason}")
+    if d.promoted and d.champion_before == str(d.version):
+        head = f"champion stays v{d.version}"  # a rerun of a night that already promoted it
+    else:
+        head = f"champion is now v{d.version}" if d.promoted else "champion unchanged"
+    progress(f"promote   {head}: {d.reason}")
     return {
         "promoted": d.promoted,
         "version": d.version,
