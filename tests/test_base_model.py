@@ -173,19 +173,24 @@ def test_base_model_dir_builds_once_into_a_recipe_keyed_folder_and_reuses_it(tmp
     assert other.digest() != recipe.digest()
 
 
-def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_keys_on_the_parent(tmp_path):
-    import dataclasses
-
-    import torch
-    from safetensors.torch import load_file
-
-    parent = base.BaseRecipe(
+def _tiny_parent() -> base.BaseRecipe:
+    """A two-step parent recipe on 8 scenes: enough for a child build to start from in seconds."""
+    return base.BaseRecipe(
         name="p",
         stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),),
         batch_size=4,
         scenes=8,
         mark_levels=(0.7,),
     )
+
+
+def test_a_child_recipe_starts_from_its_parents_model_rounded_as_shipped_and_keys_on_the_parent(tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    parent = _tiny_parent()
     # one step with the vision side's rate at 0: the vision weights must stay exactly the parent's (rounded)
     child = dataclasses.replace(
         parent,
@@ -243,13 +248,7 @@ def test_keep_vision_holds_the_vision_output_on_scene_pictures(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    parent = base.BaseRecipe(
-        name="p",
-        stages=(base.Stage("c", 2, {"name": 1.0}, marks=(0.7,)),),
-        batch_size=4,
-        scenes=8,
-        mark_levels=(0.7,),
-    )
+    parent = _tiny_parent()
     stage = base.Stage(
         "move", 3, {"name": 0.5, "locate": 0.5}, marks=(0.7,), restart=True, lr=0.0, vision_lr=3e-3
     )
