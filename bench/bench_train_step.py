@@ -135,11 +135,12 @@ def sampled_tokens(episodes: list[Any], turn: int) -> int:
     return sum(int((torch.isfinite(ep.rollout_logprobs) & (ep.turn_index == turn)).sum()) for ep in episodes)
 
 
-def run_ours(spec: dict[str, Any], work: Path, engine: str) -> dict[str, Any]:
+def run_ours(spec: dict[str, Any], work: Path, engine: str, *, shared_prompt: bool = True) -> dict[str, Any]:
     """Warm up, then time ``steps`` calls of ``MGPOTrainer.train_step`` and one ``save()`` separately.
 
     ``engine`` ``vllm`` is the product: the pipeline's vLLM engine (in-process, prefix caching across the two
-    turns, the weights pushed after every update inside the step); ``hf`` generates with the trained module."""
+    turns, the weights pushed after every update inside the step); ``hf`` generates with the trained module.
+    ``shared_prompt`` False runs the padded batch (each prompt once per rollout) instead of packed rows."""
     t = time.perf_counter()  # set-up = imports + model, reference model, engine and optimiser construction
     import torch
 
@@ -150,8 +151,10 @@ def run_ours(spec: dict[str, Any], work: Path, engine: str) -> dict[str, Any]:
     from mgpo_core.episodes import TURN1_TOKEN, TURN2_TOKEN
     from mgpo_core.training.trainer import MGPOTrainer
 
-    cfg = load_config("tiny-cpu", our_overrides(spec, work / f"ours-{engine}-state", engine))
-    run_dir = work / f"ours-{engine}-run"
+    name = f"ours-{engine}" + ("" if shared_prompt else "-unpacked")
+    overrides = [*our_overrides(spec, work / f"{name}-state", engine), f"algorithm.shared_prompt={shared_prompt}"]
+    cfg = load_config("tiny-cpu", overrides)
+    run_dir = work / f"{name}-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left by an earlier run would be resumed
     trainer = MGPOTrainer(cfg, run_dir, read_samples_jsonl(spec["samples"]), progress=False)
     setup_s = time.perf_counter() - t
@@ -522,11 +525,18 @@ METRIC_ROWS: tuple[tuple[str, str, str, float], ...] = (
 
 SIDES = {
     "ours-vllm": "MGPO, vLLM (product)",
+    "ours-vllm-unpacked": "MGPO, vLLM, prompt not shared",
     "ours-hf": "MGPO, HF engine",
     "trl": "TRL GRPO (1 turn)",
     "trl-sys": "TRL + our system prompt",
 }
-RATIOS = (("ours-vllm", "trl"), ("ours-vllm", "trl-sys"), ("ours-hf", "trl"), ("ours-hf", "trl-sys"))
+RATIOS = (
+    ("ours-vllm", "trl"),
+    ("ours-vllm", "trl-sys"),
+    ("ours-hf", "trl"),
+    ("ours-hf", "trl-sys"),
+    ("ours-vllm", "ours-vllm-unpacked"),
+)
 
 
 def table(spec: dict[str, Any], summ: dict[str, dict[str, Any]], raw: dict[str, Any]) -> str:
@@ -673,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(Path(args.spec).read_text())
         work = Path(spec["work"])
         if args.child.startswith("ours"):
-            result = run_ours(spec, work, args.child.removeprefix("ours-"))
+            engine, _, variant = args.child.removeprefix("ours-").partition("-")
+            result = run_ours(spec, work, engine, shared_prompt=variant != "unpacked")
         else:
             result = run_trl(spec, work, system_prompt=args.child == "trl-sys")
         Path(args.result).write_text(json.dumps(result))

@@ -391,6 +391,10 @@ class AlgorithmConfig(_Section):
     """Train on tokens the environment forced into an assistant turn (turn 1's `<|im_end|>` appended after the cut
     JSON block or at the length cap). False: they stay in the context but enter no loss term (they were never
     sampled, so they have no behaviour log-prob); True: trained like sampled tokens, as the reference does."""
+    shared_prompt: bool = True
+    """Run the prompt the n rollouts of a prompt share (system prompt, overview image, turn-1 question) once per
+    micro-batch instead of n times (`mgpo_core.packing`): same log-probs and gradients, less work. Keep a prompt's
+    rollouts in one micro-batch (`micro_batch_size` a multiple of `rollout.n`) to share it n ways."""
     ppo_epochs: PositiveInt = 1
     """Passes over each RL step's trajectories."""
     prompts_per_step: PositiveInt = 512

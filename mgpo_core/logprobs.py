@@ -15,6 +15,8 @@ import torch
 
 from mgpo_core import algorithms
 from mgpo_core.episodes import Episode, train_mask
+from mgpo_core.packing import PackedRows, SharedPromptMask, pack_batch
+from mgpo_core.packing import install as install_shared_prompt_attention
 
 
 @dataclass
@@ -23,6 +25,8 @@ class EpisodeBatch:
 
     Shapes: ``input_ids``, ``attention_mask``, ``loss_mask``, ``mm_token_type_ids`` (B, L); ``position_ids``
     (3, B, L); ``pixel_values`` (ΣN, D) for all images of all episodes in order; ``image_grid_thw`` (n_images, 3).
+    ``packed``: the same episodes with each shared prompt once (:mod:`mgpo_core.packing`), which is what the model
+    then runs; everything the loss reads stays in the (B, L) episode layout above.
     """
 
     input_ids: torch.Tensor
@@ -32,6 +36,7 @@ class EpisodeBatch:
     position_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    packed: PackedRows | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EpisodeBatch:
         pv = self.pixel_values
@@ -45,6 +50,7 @@ class EpisodeBatch:
             self.position_ids.to(device),
             pv,
             None if self.image_grid_thw is None else self.image_grid_thw.to(device),
+            None if self.packed is None else self.packed.to(device, dtype),
         )
 
 
@@ -61,12 +67,19 @@ def _rope_owner(model):
 
 
 def collate_episodes(
-    episodes: Sequence[Episode], model, pad_id: int, *, train_forced: bool = True
+    episodes: Sequence[Episode],
+    model,
+    pad_id: int,
+    *,
+    train_forced: bool = True,
+    share_prompt: bool = False,
 ) -> EpisodeBatch:
     """Pad episodes to one batch and compute their M-RoPE position ids with the model's own code.
 
     ``loss_mask`` is each episode's :func:`~mgpo_core.episodes.train_mask`: with ``train_forced=False`` the tokens
-    the environment forced (turn 1's appended ``<|im_end|>``) are context, not loss tokens.
+    the environment forced (turn 1's appended ``<|im_end|>``) are context, not loss tokens. With ``share_prompt``
+    the batch also carries its packed form (each prompt the episodes share run once, :mod:`mgpo_core.packing`)
+    when at least two episodes share one.
     """
     if not episodes:
         raise ValueError("collate_episodes: empty list of episodes")
@@ -88,7 +101,8 @@ def collate_episodes(
         pos, _ = _rope_owner(model).get_rope_index(
             ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=attn
         )
-    return EpisodeBatch(ids, attn, mask, mm, pos, pv, grid)
+    packed = pack_batch(episodes, pos, pad_id, width) if share_prompt else None
+    return EpisodeBatch(ids, attn, mask, mm, pos, pv, grid, packed)
 
 
 def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -146,22 +160,38 @@ def _image_features_once(inner, pixel_values: torch.Tensor, grid: torch.Tensor):
     return out
 
 
+def _packed_attention(inner, packed: PackedRows) -> dict[str, SharedPromptMask]:  # noqa: ANN001
+    """The packed rows' attention layout, in the slot transformers passes unchanged to every layer's attention (a
+    prepared mask per layer type); :func:`mgpo_core.packing.install` routes it to the shared-prompt attention."""
+    layer_types = set(getattr(inner.language_model.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(
+            f"shared-prompt packing supports full attention in every layer; this model has {sorted(layer_types)}: "
+            "set algorithm.shared_prompt=false"
+        )
+    install_shared_prompt_attention()
+    return {"full_attention": packed.attention_layout()}
+
+
 def forward_hidden(model, batch: EpisodeBatch, *, dedupe_images: bool = True) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the language model for a collated batch.
+    """Last hidden states of the language model for a collated batch: (B, L, H), or (R, Lp, H) in the packed
+    layout when ``batch.packed`` is set (map episode tokens with ``packed.row``/``packed.col``).
 
     With ``dedupe_images`` the vision tower runs once per distinct image of the batch (:func:`distinct_images`).
     """
     inner = model.model if hasattr(model, "lm_head") else model.module.model
-    pixel_values, encoded = batch.pixel_values, None
-    if dedupe_images and pixel_values is not None and batch.image_grid_thw is not None:
-        encoded = _image_features_once(inner, pixel_values, batch.image_grid_thw)
+    src = batch.packed if batch.packed is not None else batch
+    pixel_values, grid, encoded = src.pixel_values, src.image_grid_thw, None
+    if dedupe_images and pixel_values is not None and grid is not None:
+        encoded = _image_features_once(inner, pixel_values, grid)
+    attention = batch.attention_mask if batch.packed is None else _packed_attention(inner, batch.packed)
     out = inner(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        input_ids=src.input_ids,
+        attention_mask=attention,
+        position_ids=src.position_ids,
         pixel_values=None if encoded is not None else pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids,
+        image_grid_thw=grid,
+        mm_token_type_ids=src.mm_token_type_ids,
         use_cache=False,
         **({"mm_encoder_outputs": {"image": encoded}} if encoded is not None else {}),
     )
@@ -229,9 +259,13 @@ def token_logprobs(
     """
     head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
     hidden = forward_hidden(model, batch, dedupe_images=dedupe_images)
-    b, length, _ = hidden.shape
+    b, length = batch.input_ids.shape
     rows, cols = loss_positions(batch.loss_mask)
-    h = hidden[rows, cols - 1]  # position t - 1 predicts token t
+    if batch.packed is None:
+        h = hidden[rows, cols - 1]  # position t - 1 predicts token t
+    else:  # the same position, found in the packed rows
+        p = batch.packed
+        h = hidden[p.row[rows, cols - 1], p.col[rows, cols - 1]]
     targets = batch.input_ids[rows, cols]
     suppress = None
     if suppress_ids is not None:

@@ -66,9 +66,9 @@ def mini_batch(tiny_bundle, synthetic_samples):
     return cfg, episodes, adv
 
 
-def _update(tiny_dir, special, cfg, episodes, adv, *, path: str, bucket: bool):  # noqa: ANN001, ANN202
+def _update(tiny_dir, special, cfg, episodes, adv, *, path: str, bucket: bool, share: bool = True):  # noqa: ANN001, ANN202
     """One ZeRO-2 optimiser step over the 8 episodes (4 micro-batches of 2) along ``path``; returns
-    (parameter change, metrics, padded tokens)."""
+    (parameter change, metrics, padded tokens). ``share``: shared-prompt packing (tests/test_packing.py)."""
     from mgpo_core.modeling.loading import load_model
     from mgpo_core.training.trainer import (
         UpdateSettings,
@@ -87,7 +87,9 @@ def _update(tiny_dir, special, cfg, episodes, adv, *, path: str, bucket: bool): 
     ref = load_model(tiny_dir, dtype="float32").requires_grad_(False).eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine, _, _ = build_engine(cfg, model, 1)
-    settings = dataclasses.replace(UpdateSettings.from_config(cfg, special), bucket_by_length=bucket)
+    settings = dataclasses.replace(
+        UpdateSettings.from_config(cfg, special), bucket_by_length=bucket, share_prompt=share
+    )
     order = micro_batch_order(episodes, settings)
     eps, a = [episodes[i] for i in order], adv[order]
     mb = settings.micro_batch_size
@@ -125,8 +127,10 @@ def test_length_bucketed_micro_batches_give_the_same_update_with_less_padding(ti
     by_len = sorted(range(len(episodes)), key=lambda i: episodes[i].length)
     mixed = [i for pair in zip(by_len[:4], by_len[::-1][:4], strict=True) for i in pair]
     episodes, adv = [episodes[i] for i in mixed], adv[mixed]
-    d0, m0, pad0 = _update(tiny_dir, tiny_bundle.special, cfg, episodes, adv, path="two-pass", bucket=False)
-    d1, m1, pad1 = _update(tiny_dir, tiny_bundle.special, cfg, episodes, adv, path="on-policy", bucket=True)
+    # Bucketing alone (packing off): sorting by length pairs the longest episodes with each other.
+    sp = tiny_bundle.special
+    d0, m0, pad0 = _update(tiny_dir, sp, cfg, episodes, adv, path="two-pass", bucket=False, share=False)
+    d1, m1, pad1 = _update(tiny_dir, sp, cfg, episodes, adv, path="on-policy", bucket=True, share=False)
     assert pad1 < pad0, (pad1, pad0)
     scale = max(float(d.abs().max()) for d in d0.values())
     err = max(float((d1[n] - d0[n]).abs().max()) for n in d0)

@@ -57,6 +57,10 @@ SETUPS = [
     for off in (False, True)
     for mb in mbs
 ]
+# Every set-up above packs each micro-batch's shared prompt (algorithm.shared_prompt, the default: a micro-batch of
+# 2 is one prompt's 2 rollouts); one runs the padded batch through DeepSpeed as well.
+SETUPS.append(("z3-mb2-w1-unpacked", {"deepspeed.zero_stage": 3, "algorithm.micro_batch_size": 2, "world": 1,
+                                      "algorithm.shared_prompt": False}))
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,9 @@ def _plain_torch_update(tiny_dir, special, cfg, episodes, adv):  # noqa: ANN001,
     model = load_model(tiny_dir, dtype="float32")
     model.train()
     ref = load_model(tiny_dir, dtype="float32").requires_grad_(False).eval()
+    # The padded batch, each prompt run once per rollout (no shared-prompt packing): the set-ups below pack.
     whole = UpdateSettings.from_config(cfg, special)
-    whole = dataclasses.replace(whole, micro_batch_size=len(episodes))
+    whole = dataclasses.replace(whole, micro_batch_size=len(episodes), share_prompt=False)
     old, ref_lp = reference_logprobs(model, ref, episodes, whole, torch.device("cpu"))
     batch = whole.collate(episodes, model, torch.device("cpu"), torch.float32)
     logp, ent = whole.logprobs(model, batch, with_entropy=True)

@@ -186,6 +186,9 @@ class UpdateSettings:
     """Whether tokens the environment forced (no behaviour log-prob) enter the loss."""
     bucket_by_length: bool = True
     """Sort each mini-batch share by length before cutting it into micro-batches (:func:`micro_batch_order`)."""
+    share_prompt: bool = False
+    """Run each prompt that episodes of a micro-batch share once (:mod:`mgpo_core.packing`); micro-batches then
+    keep a prompt's episodes together (:func:`micro_batch_order`)."""
 
     @classmethod
     def from_config(cls, cfg: MGPOConfig, special) -> UpdateSettings:  # noqa: ANN001 - SpecialTokens
@@ -197,12 +200,13 @@ class UpdateSettings:
             temperature=cfg.rollout.temperature,
             suppress_ids=tuple(special.non_text_ids()),
             train_forced=a.train_forced_tokens,
+            share_prompt=a.shared_prompt,
         )
 
     def collate(self, episodes: Sequence[Episode], model, device: torch.device, dtype: torch.dtype):  # noqa: ANN001, ANN201
-        return collate_episodes(episodes, model, self.pad_id, train_forced=self.train_forced).to(
-            device, dtype
-        )
+        return collate_episodes(
+            episodes, model, self.pad_id, train_forced=self.train_forced, share_prompt=self.share_prompt
+        ).to(device, dtype)
 
     def logprobs(self, model, batch, *, with_entropy: bool = False):  # noqa: ANN001, ANN201
         return token_logprobs(
@@ -242,15 +246,29 @@ def micro_batch_order(episodes: Sequence[Episode], settings: UpdateSettings) -> 
     """The order in which one rank's share of a mini-batch is cut into micro-batches of ``micro_batch_size``.
 
     Longest first (stable), so each micro-batch holds episodes of similar length and a short episode is not padded
-    to the longest one of the share (and the first micro-batch already reaches the peak memory). Exact: every
-    micro-batch's loss is a sum over its tokens divided by the WHOLE mini-batch's normaliser, so the accumulated
-    gradient does not depend on how the episodes are grouped (only the float summation order changes).
+    to the longest one of the share (and the first micro-batch already reaches the peak memory). With
+    ``settings.share_prompt`` the unit is a prompt's group instead of an episode (groups by their packed length,
+    longest first; inside a group longest first), so a micro-batch runs each prompt once for all its rollouts.
+    Exact: every micro-batch's loss is a sum over its tokens divided by the WHOLE mini-batch's normaliser, so the
+    accumulated gradient does not depend on how the episodes are grouped (only the float summation order changes).
     ``settings.bucket_by_length=False`` keeps the rollout order.
     """
     idx = list(range(len(episodes)))
-    if settings.bucket_by_length:
-        idx.sort(key=lambda i: -episodes[i].length)
-    return idx
+    if not settings.bucket_by_length:
+        return idx
+    if not settings.share_prompt:
+        return sorted(idx, key=lambda i: -episodes[i].length)
+    groups: dict[int, list[int]] = {}
+    for i in idx:
+        groups.setdefault(episodes[i].group, []).append(i)
+    members = [sorted(g, key=lambda i: -episodes[i].length) for g in groups.values()]
+
+    def packed_length(g: list[int]) -> int:
+        p = min(episodes[i].prompt_len for i in g)
+        return p + sum(episodes[i].length - p for i in g)
+
+    members.sort(key=lambda g: -packed_length(g))
+    return [i for g in members for i in g]
 
 
 def _gap_sums(episodes: Sequence[Episode], logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
