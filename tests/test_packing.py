@@ -38,8 +38,16 @@ def _logprobs_and_grads(model, batch, sp):  # noqa: ANN001, ANN202
     return logp.detach(), ent.detach(), grads
 
 
-def test_packed_logprobs_entropies_and_gradients_equal_the_padded_batch(tiny_bundle, episodes):
-    m, sp = tiny_bundle.model, tiny_bundle.special
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_packed_logprobs_entropies_and_gradients_equal_the_padded_batch(tiny_dir, tiny_bundle, episodes, checkpointing):
+    """Also under gradient checkpointing (the 7B recipe's setting): the backward replays each layer with the
+    same shared-prompt layout."""
+    from mgpo_core.modeling.loading import load_model
+
+    sp = tiny_bundle.special
+    m = load_model(tiny_dir, dtype="float32")
+    if checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.train()
     # Shuffle so members of a prompt are not adjacent: packing must find them by group.
     order = [0, 4, 8, 1, 5, 2, 6, 3, 7]
