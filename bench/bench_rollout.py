@@ -53,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, nargs=2, default=(48, 32), metavar=("TURN1", "TURN2"))
     p.add_argument("--engines", default="hf,vllm", help="comma-separated subset of hf,vllm")
     p.add_argument("--gpu-config", action="store_true", help="7B-sized random Qwen2.5-VL in bf16 on CUDA")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for both engines, e.g. rollout.enforce_eager=false (repeatable)",
+    )  # fmt: skip
     p.add_argument("--workdir", default=None, help="where the model and images go (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args()
@@ -145,7 +149,7 @@ def main() -> None:
         b = load_bundle(tiny)
         model, tokenizer, image_processor, special = b.model, b.tokenizer, b.image_processor, b.special
         extra = {"max_model_len": 4096}
-    cfg = load_config("tiny-cpu", overrides)
+    cfg = load_config("tiny-cpu", overrides + list(args.set))
     samples = list(
         iter_synthetic_samples(work / "images", args.samples, seed=0, width=size[0], height=size[1])
     )
