@@ -7,18 +7,21 @@ generated token, the ours/TRL ratios, the per-phase split) and, with ``--out``, 
 Each side runs in its own child process, ``--repeats`` times, rotating which side goes first; the timed steps of
 all repeats are pooled.
 
-Sides (``--sides``, default all four): ``ours-vllm`` is the product: ``MGPOTrainer`` as the pipeline runs it, with
+Sides (``--sides``, default all five): ``ours-vllm`` is the product: ``MGPOTrainer`` as the pipeline runs it, with
 the vLLM engine in-process (prefix caching across the two turns; the weight push after the update is part of the
-step); ``ours-hf`` the same trainer generating with HF ``generate`` on the trained module (turn 2 re-prefills the
-whole conversation); ``trl`` TRL's ``GRPOTrainer`` single-turn, prompt without a system turn; ``trl-sys`` the same
-with our MGPO system prompt in TRL's prompt too, so the remaining difference is the second turn itself.
+step); ``ours-vllm-unpacked`` the same with ``algorithm.shared_prompt=false`` (each prompt run once per rollout,
+the padded batch); ``ours-hf`` the product's trainer generating with HF ``generate`` on the trained module (turn 2
+re-prefills the whole conversation); ``trl`` TRL's ``GRPOTrainer`` single-turn, prompt without a system turn;
+``trl-sys`` the same with our MGPO system prompt in TRL's prompt too, so the remaining difference is the second
+turn itself.
 
 What is compared. One RL step = ``--prompts`` prompts × ``--n`` rollouts → rewards → group advantages → old and
 reference log-probs → PPO-clip updates in ``prompts / mini-batch-prompts`` optimiser steps (micro-batch
 ``--micro-batch``), AdamW with the same lr / weight decay / betas / eps / grad-clip, KL coefficient = TRL's beta,
 fp32 on CPU. Ours (DeepSpeed ZeRO-2, world size 1): two assistant turns (turn 1 with the overview image, turn 2
 with a second image: the crop or the overview again); the first mini-batch is on-policy (no old-log-prob pass),
-the reference pass is fused into the update's micro-batch loop, micro-batches are length-bucketed. TRL: one turn
+the reference pass is fused into the update's micro-batch loop, micro-batches are length-bucketed, and each
+micro-batch runs the prompt its rollouts share once (shared-prompt packing). TRL: one turn
 with the same overview image and the question + choices, ``max_completion_length`` = turn-1 + turn-2 budgets.
 Generated tokens are counted from what each side really sampled (the random tiny model may stop early). vLLM runs
 in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its CPU time is in the process's CPU time.

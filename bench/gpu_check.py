@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="vLLM's share of the GPU")
     p.add_argument("--offload-optimizer", type=int, default=1, help="ZeRO-3 optimizer states on the host")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: check the script")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="further config overrides, e.g. algorithm.shared_prompt=false (the padded-batch A/B run)",
+    )  # fmt: skip
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     mdir = model_dir(args, work)
     model_s = time.perf_counter() - t
-    cfg = load_config("tiny-cpu", overrides(args, work, mdir))
+    cfg = load_config("tiny-cpu", overrides(args, work, mdir) + list(args.set))
     shutil.rmtree(work / "run", ignore_errors=True)
     t = time.perf_counter()
     trainer = MGPOTrainer(cfg, work / "run", load_training_samples(cfg), progress=False)

@@ -3,7 +3,8 @@
 #   1. rollout throughput, vLLM vs HF, 7B-shaped random Qwen2.5-VL in bf16 (bench/bench_rollout.py --gpu-config);
 #   2. a short ZeRO-3 bf16 MGPO training of the same shapes with vLLM colocated, sleep mode on
 #      (bench/gpu_check.py: generated tokens/s/GPU, step time, MFU, peak GPU memory);
-#   3. the gpu-marked tests (exit code 5, "no tests collected", counts as a pass).
+#   3. the gpu-marked tests (tests/test_gpu.py: shared-prompt packing on the CUDA attention kernels);
+#   4. stage 2 again with algorithm.shared_prompt=false (the padded batch), for the packing A/B.
 # Every stage runs under its own timeout and the script goes on after a failure; the exit code is the number of
 # failed stages. Usage: bash bench/gpu_check.sh   (PY=python, STAGE_TIMEOUT=240 by default)
 set -u
@@ -32,4 +33,8 @@ stage rollout "$PY" bench/bench_rollout.py --gpu-config --samples 16 --n 8 --max
 stage train "$PY" bench/gpu_check.py --steps 2 --warmup 1 --prompts 8 --n 8 --max-new-tokens 256 128 \
   --workdir /tmp/mgpo-gpu-check --json "$OUT/train-gpu.json"
 stage tests "$PY" -m pytest -m gpu -q tests
+# A/B of shared-prompt packing (the train stage packs, the default): the same run with the padded batch, last so a
+# short budget loses only this comparison.
+stage train-unpacked "$PY" bench/gpu_check.py --steps 2 --warmup 1 --prompts 8 --n 8 --max-new-tokens 256 128 \
+  --workdir /tmp/mgpo-gpu-check --json "$OUT/train-gpu-unpacked.json" --set algorithm.shared_prompt=false
 exit $fails
