@@ -82,24 +82,6 @@ def model_dir(args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
-def tokens_run(trainer: Any, episodes: list[Any]) -> int:
-    """Tokens one training forward runs over ``episodes``: with shared-prompt packing each micro-batch runs the
-    prompt its episodes share once (the trainer's own mini-batch and micro-batch cuts), else every token."""
-    import torch
-
-    from mgpo_core.packing import prompt_groups
-
-    if not trainer.update_settings.share_prompt:
-        return sum(ep.length for ep in episodes)
-    mb, total = trainer.update_settings.micro_batch_size, 0
-    for eps, _ in trainer._mini_batches(episodes, torch.zeros(len(episodes))):
-        for k in range(0, len(eps), mb):
-            chunk = eps[k : k + mb]
-            for members, p, _ in prompt_groups(chunk):
-                total += p + sum(chunk[i].length - p for i in members)
-    return total
-
-
 def overrides(args: argparse.Namespace, work: Path, mdir: Path) -> list[str]:
     t1, t2 = args.max_new_tokens
     o = [
@@ -185,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.step += 1
         gen = int(sum(int(torch.isfinite(ep.rollout_logprobs).sum()) for ep in captured))
         seq = sum(ep.length for ep in captured)
-        run = tokens_run(trainer, captured)
+        run = int(m["perf/forward_tokens"])  # a shared prompt once per micro-batch, as the update ran it
         trained = int(sum(float(ep.loss_mask.sum()) for ep in captured))
         # Forward tokens: rollout (prefill + decode; the n samples share the prompt's prefill through the prefix
         # cache and turn 2 reuses turn 1's), reference forward, update forward + backward (3×). MFU counts the

@@ -394,7 +394,8 @@ class AlgorithmConfig(_Section):
     shared_prompt: bool = True
     """Run the prompt the n rollouts of a prompt share (system prompt, overview image, turn-1 question) once per
     micro-batch instead of n times (`mgpo_core.packing`): same log-probs and gradients, less work. Keep a prompt's
-    rollouts in one micro-batch (`micro_batch_size` a multiple of `rollout.n`) to share it n ways."""
+    rollouts in one micro-batch (`micro_batch_size` a multiple of `rollout.n`) to share it n ways. Needs a registered
+    attention implementation (`model.attn_implementation` sdpa or flash_attention_2, not eager)."""
     ppo_epochs: PositiveInt = 1
     """Passes over each RL step's trajectories."""
     prompts_per_step: PositiveInt = 512
@@ -659,6 +660,11 @@ class MGPOConfig(_Section):
         if self.deepspeed.bf16 and self.model.dtype == "float16":
             raise _FieldProblem("bf16 training cannot run a float16 model", self.model.dtype,
                                 "set model.dtype=bfloat16 (or float32), or deepspeed.bf16=false", "model.dtype")
+        if self.algorithm.shared_prompt and self.model.attn_implementation == "eager":
+            raise _FieldProblem("algorithm.shared_prompt runs through transformers' registered attention "
+                                "functions, which 'eager' is not", self.model.attn_implementation,
+                                "set model.attn_implementation=sdpa, or algorithm.shared_prompt=false",
+                                "model.attn_implementation")
         return self
 
 

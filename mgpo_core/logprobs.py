@@ -163,11 +163,17 @@ def _image_features_once(inner, pixel_values: torch.Tensor, grid: torch.Tensor):
 def _packed_attention(inner, packed: PackedRows) -> dict[str, SharedPromptMask]:  # noqa: ANN001
     """The packed rows' attention layout, in the slot transformers passes unchanged to every layer's attention (a
     prepared mask per layer type); :func:`mgpo_core.packing.install` routes it to the shared-prompt attention."""
-    layer_types = set(getattr(inner.language_model.config, "layer_types", None) or ["full_attention"])
+    config = inner.language_model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
         raise ValueError(
             f"shared-prompt packing supports full attention in every layer; this model has {sorted(layer_types)}: "
             "set algorithm.shared_prompt=false"
+        )
+    if config._attn_implementation == "eager":
+        raise ValueError(
+            "shared-prompt packing runs through transformers' registered attention functions, and 'eager' is not "
+            "one: set model.attn_implementation=sdpa (or algorithm.shared_prompt=false)"
         )
     install_shared_prompt_attention()
     return {"full_attention": packed.attention_layout()}

@@ -21,7 +21,9 @@ Attention (:func:`shared_prompt_attention`) is structured, not a dense mask over
 causal attention over the prompt, then one over the continuations as a batch, each continuation's queries against
 the prompt's keys followed by its own, causal aligned to the lower right (no mask tensor; GPU kernels skip the
 masked blocks). Its cost is P²/2 + Σ S·(P + S) instead of n·(P + S)² for the
-padded rows, with PyTorch's ``scaled_dot_product_attention`` kernels whatever attention the model was loaded with.
+padded rows, with PyTorch's ``scaled_dot_product_attention`` kernels whatever registered attention the model was
+loaded with (``sdpa``, ``flash_attention_2``; not ``eager``, which transformers does not route through its
+registry).
 It reaches the language model's attention layers through transformers' ``AttentionInterface``: the registered
 functions are wrapped (:func:`install`) so that a :class:`SharedPromptMask` in the attention-mask slot selects
 :func:`shared_prompt_attention` and every other mask goes to the original function unchanged (the vision tower,
@@ -149,13 +151,13 @@ _WRAPPED = "_mgpo_shared_prompt_base"
 
 def install() -> None:
     """Route :class:`SharedPromptMask` masks to :func:`shared_prompt_attention` in every attention function
-    transformers has registered (and ``eager``); anything else reaches the original function. Idempotent."""
+    transformers has registered (``sdpa``, ``flash_attention_*``, …); anything else reaches the original function.
+    Idempotent; a function registered after this call is not wrapped (call it again). ``eager`` is each model's
+    own module-level function, not a registered one, so it is left alone (packing refuses it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-    keys = [k for k in ALL_ATTENTION_FUNCTIONS if k == "sdpa" or k.startswith("flash_attention")]
-    for name in [*keys, "eager"]:
-        base = ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else eager_attention_forward
+    for name in list(ALL_ATTENTION_FUNCTIONS):
+        base = ALL_ATTENTION_FUNCTIONS[name]
         if getattr(base, _WRAPPED, None) is not None:
             continue
 

@@ -252,6 +252,9 @@ def test_cross_section_conflicts_are_rejected_with_a_fix() -> None:
         load_config(overrides=["deepspeed.offload_params=true"])
     with pytest.raises(ConfigError, match=r"deepspeed.num_gpus: .*launcher=deepspeed"):
         load_config(overrides=["deepspeed.num_gpus=8"])
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: algorithm.shared_prompt .*set model"):
+        load_config(overrides=["model.attn_implementation=eager"])
+    assert load_config(overrides=["model.attn_implementation=eager", "algorithm.shared_prompt=false"])
 
 
 def test_multinode_connection_settings_need_the_deepspeed_launcher_and_a_hostfile() -> None:

@@ -141,3 +141,27 @@ def test_micro_batch_order_keeps_a_prompts_rollouts_together(episodes):
     assert packed == sorted(packed, reverse=True)
     plain = micro_batch_order(eps, dataclasses.replace(settings, share_prompt=False))
     assert [eps[i].length for i in plain] == sorted((ep.length for ep in eps), reverse=True)
+
+
+def test_forward_tokens_counts_each_shared_prompt_once_per_micro_batch(episodes):
+    """The logged ``perf/forward_tokens``: the packed rows' real tokens, micro-batch by micro-batch."""
+    import dataclasses
+
+    from mgpo_core.algorithms import LossCoefficients
+    from mgpo_core.training.trainer import UpdateSettings, forward_tokens
+
+    settings = UpdateSettings(coefs=LossCoefficients(), micro_batch_size=3, pad_id=0, share_prompt=True)
+    minis = [(episodes, None)]  # 3 prompts × 3 rollouts in group order: one prompt per micro-batch
+    assert forward_tokens(minis, settings) == sum(ep.length for ep in episodes) - sum(
+        2 * episodes[k].prompt_len for k in (0, 3, 6)
+    )
+    plain = dataclasses.replace(settings, share_prompt=False)
+    assert forward_tokens(minis, plain) == sum(ep.length for ep in episodes)
+    # Micro-batches of 2 cut a prompt's 3 rollouts: a pair of one prompt runs it once, a mixed pair twice.
+    two = dataclasses.replace(settings, micro_batch_size=2)
+    expect = 0
+    for k in range(0, 9, 2):
+        chunk = episodes[k : k + 2]
+        same = len(chunk) == 2 and chunk[0].group == chunk[1].group
+        expect += sum(ep.length for ep in chunk) - (chunk[0].prompt_len if same else 0)
+    assert forward_tokens(minis, two) == expect

@@ -271,6 +271,23 @@ def micro_batch_order(episodes: Sequence[Episode], settings: UpdateSettings) -> 
     return [i for g in members for i in g]
 
 
+def forward_tokens(minis: Sequence[tuple[Sequence[Episode], Any]], settings: UpdateSettings) -> int:
+    """Tokens one forward over the step's micro-batches runs: with ``settings.share_prompt`` each micro-batch runs
+    the prompt its episodes share once (:func:`mgpo_core.packing.prompt_groups`), else every episode token."""
+    from mgpo_core.packing import prompt_groups
+
+    mb, total = settings.micro_batch_size, 0
+    for eps, _ in minis:
+        for k in range(0, len(eps), mb):
+            chunk = eps[k : k + mb]
+            if not settings.share_prompt:
+                total += sum(ep.length for ep in chunk)
+                continue
+            for members, p, _ in prompt_groups(chunk):
+                total += p + sum(chunk[i].length - p for i in members)
+    return total
+
+
 def _gap_sums(episodes: Sequence[Episode], logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Sum and count of |trainer log-prob − rollout log-prob| over the sampled loss tokens of a micro-batch."""
     total, count = 0.0, 0
@@ -648,6 +665,8 @@ class MGPOTrainer:
             )
 
         minis = self._mini_batches(episodes, adv)
+        m["perf/sequence_tokens"] = float(sum(ep.length for ep in episodes))
+        m["perf/forward_tokens"] = float(forward_tokens(minis, self.update_settings))
         t = time.perf_counter()
         self.phase("old and reference log-probs", self.step + 1)
         old_logp = self._old_logprobs(minis)
