@@ -7,27 +7,25 @@ turns and the inserted turn 2 with its image)::
 
     [ prompt | continuation 1 | continuation 2 | … | padding ]
 
-with an attention mask in which the prompt is causal on itself and each continuation sees the prompt and, causally,
-itself only. Every token keeps the 3-D M-RoPE position it has in its own episode (computed over the whole episode
-with the model's ``get_rope_index``), so each token's hidden state is the one the padded batch computes: the
-attention of a continuation token runs over exactly the keys it has in its own episode, at the same positions. The
-log-probs, hence the loss and its gradient, are those of the padded batch up to float summation order; the
-parameters of the shared prompt receive the sum of the n episodes' gradients through the one copy.
+with attention in which the prompt is causal on itself and each continuation sees the prompt and, causally, itself
+only. Every token keeps the 3-D M-RoPE position it has in its own episode (computed over the whole episode with the
+model's ``get_rope_index``), so each token attends exactly the keys it has in its own episode, at the same
+positions: the log-probs, hence the loss and its gradient, are those of the padded batch up to float summation
+order, and the shared prompt's activations receive the sum of the n episodes' gradients through the one copy.
 
 What it saves: the linear layers' work on (n − 1) copies of every prompt token (on the benchmark batch of the tiny
-model 45 % of all sequence tokens; on the 7B recipe with 1,296 overview tokens and n = 8 about half the FLOPs), and
-the attention over them.
-Attention (:func:`shared_prompt_attention`) is structured, not a dense mask over the packed row: per row one
-causal attention over the prompt, then one over the continuations as a batch, each continuation's queries against
-the prompt's keys followed by its own, causal aligned to the lower right (no mask tensor; GPU kernels skip the
-masked blocks). Its cost is P²/2 + Σ S·(P + S) instead of n·(P + S)² for the
-padded rows, with PyTorch's ``scaled_dot_product_attention`` kernels whatever registered attention the model was
-loaded with (``sdpa``, ``flash_attention_2``; not ``eager``, which transformers does not route through its
-registry).
-It reaches the language model's attention layers through transformers' ``AttentionInterface``: the registered
+model 45 % of all sequence tokens; on the 7B recipe with 1,296 overview tokens and n = 8 about half the FLOPs),
+and the attention over them: P²/2 + Σ S·(P + S/2) query-key pairs per row instead of n·(P + S)²/2.
+
+Attention (:func:`shared_prompt_attention`) is structured, not a dense mask over the packed row: per row one causal
+attention over the prompt, then one over the continuations as a batch, each continuation's queries against the
+prompt's keys followed by its own, causal aligned to the lower right (no mask tensor; GPU kernels may skip the
+masked blocks), with PyTorch's ``scaled_dot_product_attention`` whatever registered attention the model was loaded
+with (``sdpa``, ``flash_attention_2``; not ``eager``, which transformers does not route through its registry). It
+reaches the language model's attention layers through transformers' ``AttentionInterface``: the registered
 functions are wrapped (:func:`install`) so that a :class:`SharedPromptMask` in the attention-mask slot selects
 :func:`shared_prompt_attention` and every other mask goes to the original function unchanged (the vision tower,
-``generate``, other models). Gradient checkpointing replays the layer with the same mask object, so it holds.
+``generate``, other models). Gradient checkpointing replays each layer with the same mask object.
 """
 
 from __future__ import annotations
