@@ -176,7 +176,7 @@ def _packed_attention(inner, packed: PackedRows) -> dict[str, SharedPromptMask]:
             "one: set model.attn_implementation=sdpa (or algorithm.shared_prompt=false)"
         )
     install_shared_prompt_attention()
-    return {"full_attention": packed.attention_layout()}
+    return {"full_attention": packed.layout}
 
 
 def forward_hidden(model, batch: EpisodeBatch, *, dedupe_images: bool = True) -> torch.Tensor:

@@ -175,16 +175,15 @@ def install() -> None:
 class PackedRows:
     """A collated batch as the model runs it, with each shared prompt once.
 
-    Shapes: ``input_ids``, ``mm_token_type_ids``, ``segment`` (R, Lp); ``position_ids`` (3, R, Lp);
-    ``pixel_values`` (ΣN, D) in packed order; ``image_grid_thw`` (n_images, 3); ``row``, ``col`` (B, L): where token
-    t of episode b sits in the packed rows. ``segment`` is 0 on a shared prompt (and on a row that holds one
-    episode whole), k ≥ 1 on the k-th continuation, −1 on padding.
+    Shapes: ``input_ids``, ``mm_token_type_ids`` (R, Lp); ``position_ids`` (3, R, Lp); ``pixel_values`` (ΣN, D) in
+    packed order; ``image_grid_thw`` (n_images, 3); ``row``, ``col`` (B, L): where token t of episode b sits in the
+    packed rows. ``layout``: what every layer's attention needs to know of the rows, built once when packing.
     """
 
     input_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
     position_ids: torch.Tensor
-    segment: torch.Tensor
+    layout: SharedPromptMask
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     row: torch.Tensor
@@ -198,22 +197,17 @@ class PackedRows:
             self.input_ids.to(device),
             self.mm_token_type_ids.to(device),
             self.position_ids.to(device),
-            self.segment.to(device),
+            self.layout.to(device),
             pv,
             None if self.image_grid_thw is None else self.image_grid_thw.to(device),
             self.row.to(device),
             self.col.to(device),
         )
 
-    def attention_layout(self) -> SharedPromptMask:
-        """What the attention of every layer needs to know of the rows (built once per batch, see
-        :class:`SharedPromptMask`)."""
-        return SharedPromptMask.from_segments(self.segment)
-
     @property
     def tokens(self) -> int:
         """Non-padding tokens the model runs."""
-        return int((self.segment >= 0).sum())
+        return sum(row.used for row in self.layout.rows)
 
 
 def _image_slices(ep: Episode) -> list[torch.Tensor]:
@@ -266,6 +260,16 @@ def prompt_groups(episodes: Sequence[Episode]) -> list[tuple[list[int], int, int
     return [(m, p, n) if len(m) > 1 else (m, 0, 0) for m, p, n in rows]
 
 
+def _row_length(episodes: Sequence[Episode], members: list[int], prompt: int) -> int:
+    """Tokens of one packed row: the shared prompt once, then every member's continuation."""
+    return prompt + sum(episodes[i].length - prompt for i in members)
+
+
+def packed_tokens(episodes: Sequence[Episode]) -> int:
+    """Tokens the model runs for ``episodes`` packed as one micro-batch (each shared prompt once)."""
+    return sum(_row_length(episodes, m, p) for m, p, _ in prompt_groups(episodes))
+
+
 def pack_batch(
     episodes: Sequence[Episode], position_ids: torch.Tensor, pad_id: int, width: int
 ) -> PackedRows | None:
@@ -276,7 +280,7 @@ def pack_batch(
     rows = prompt_groups(episodes)
     if all(len(m) == 1 for m, _, _ in rows):
         return None
-    lengths = [p + sum(episodes[i].length - p for i in m) for m, p, _ in rows]
+    lengths = [_row_length(episodes, m, p) for m, p, _ in rows]
     r_count, lp = len(rows), max(lengths)
     ids = torch.full((r_count, lp), pad_id, dtype=torch.long)
     mm = torch.zeros((r_count, lp), dtype=torch.int32)
@@ -309,7 +313,7 @@ def pack_batch(
         ids,
         mm,
         pos,
-        seg,
+        SharedPromptMask.from_segments(seg),
         torch.cat(pixels) if pixels else None,
         torch.stack(grids) if grids else None,
         row,

@@ -273,18 +273,14 @@ def micro_batch_order(episodes: Sequence[Episode], settings: UpdateSettings) -> 
 
 def forward_tokens(minis: Sequence[tuple[Sequence[Episode], Any]], settings: UpdateSettings) -> int:
     """Tokens one forward over the step's micro-batches runs: with ``settings.share_prompt`` each micro-batch runs
-    the prompt its episodes share once (:func:`mgpo_core.packing.prompt_groups`), else every episode token."""
-    from mgpo_core.packing import prompt_groups
+    the prompt its episodes share once (:func:`mgpo_core.packing.packed_tokens`), else every episode token."""
+    from mgpo_core.packing import packed_tokens
 
     mb, total = settings.micro_batch_size, 0
     for eps, _ in minis:
         for k in range(0, len(eps), mb):
             chunk = eps[k : k + mb]
-            if not settings.share_prompt:
-                total += sum(ep.length for ep in chunk)
-                continue
-            for members, p, _ in prompt_groups(chunk):
-                total += p + sum(chunk[i].length - p for i in members)
+            total += packed_tokens(chunk) if settings.share_prompt else sum(ep.length for ep in chunk)
     return total
 
 
