@@ -246,8 +246,8 @@ def part1(args: argparse.Namespace, work: Path, bundle) -> dict:
 def part2(args: argparse.Namespace, work: Path, bundle) -> dict:
     from mgpo_core.config import load_config
     from mgpo_core.data.synthetic import iter_synthetic_samples
-    from mgpo_core.evaluation.cli import build_engine
     from mgpo_core.evaluation.runner import evaluate
+    from mgpo_core.rollout.factory import build_rollout_engine
     from mgpo_core.rollout.hf import HFRolloutEngine
 
     width, height = _size(args.throughput_size)
@@ -272,7 +272,7 @@ def part2(args: argparse.Namespace, work: Path, bundle) -> dict:
         "hf": lambda: HFRolloutEngine.for_bundle(bundle, cfg, batch_size=args.throughput_samples)
     }
     if args.vllm:
-        engines["vllm"] = lambda: build_engine(cfg, "vllm")
+        engines["vllm"] = lambda: build_rollout_engine(cfg, "vllm")
     out: dict[str, dict] = {}
     for name, make in engines.items():
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ def measure(engine_name: str, dtype: str, args, tmp: Path) -> dict:  # noqa: ANN
     from mgpo_core.modeling.tiny import tiny_model_dir
     from mgpo_core.rollout import ENGINES
     from mgpo_core.rollout.hf import HFRolloutEngine
-    from mgpo_core.training.trainer import UpdateSettings
+    from mgpo_core.training.update import UpdateSettings
 
     cfg = load_config(
         "tiny-cpu",

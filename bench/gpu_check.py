@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device (or --cpu-smoke)")
     from mgpo_core.config import load_config
-    from mgpo_core.training.entry import load_training_samples
+    from mgpo_core.data.splits import load_training_samples
     from mgpo_core.training.trainer import MGPOTrainer
 
     work = Path(args.workdir or "/tmp/mgpo-gpu-check").resolve()

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mgpo_core.config import load_config
-    from mgpo_core.modeling.loading import model_dir_for
+    from mgpo_core.modeling.source import model_dir_for
 
     t0 = time.perf_counter()
     base = model_dir_for(load_config(args.preset, [f"state_dir={args.state}"]))

@@ -21,6 +21,7 @@ __all__ = [
     "ImageError",
     "crop_and_enlarge",
     "image_size",
+    "model_max_pixels",
     "open_image",
     "overview_area_bound",
     "overview_size",
@@ -391,3 +392,16 @@ def crop_and_enlarge(
     crop = original.crop(box_ori)
     size = overview_size(crop.width, crop.height, min_pixels=min_pixels, max_pixels=max_pixels)
     return crop.resize(size, method)
+
+
+def model_max_pixels(image_processor: object) -> int:
+    """The largest image (in pixels) the model's processor accepts without downscaling it again.
+
+    Qwen2-VL-family processors keep it as ``max_pixels`` or in ``size["longest_edge"]`` (a pixel count despite
+    its name); 12,845,056 (16,384 visual tokens) when neither is set.
+    """
+    value = getattr(image_processor, "max_pixels", None)
+    if not value:
+        size = getattr(image_processor, "size", None)
+        value = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    return int(value) if value else PROCESSOR_MAX_PIXELS

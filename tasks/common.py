@@ -1,15 +1,14 @@
-"""What every stage task shares: config from flow parameters, cache keys, retry policy, execution records."""
+"""What every stage task shares: config from flow parameters, the code version, cache keys."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from mgpo_core.config import MGPOConfig, load_config
+from mgpo_core.ops.tracking import tracking_uri_for
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,31 +99,10 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa:
                 cfg.pop(k, None)
             params["config"] = cfg
             params["stores"] = {
-                "tracking": store_identity(tracking_uri(cfg_obj), cfg_obj.state_dir),
+                "tracking": store_identity(tracking_uri_for(cfg_obj), cfg_obj.state_dir),
                 "state": state_identity(cfg_obj.state_dir),
             }
         base = f"mgpo-{stage}-{digest(stage, params, source_digest())}"
         return validated_key(stage, base, cfg_obj, ctx) if cfg_obj is not None else base
 
     return key
-
-
-def record_execution(cfg: MGPOConfig, stage: str, **info: Any) -> None:
-    """Append one line per executed (not cached) stage body to ``<state_dir>/pipeline/executions.jsonl``."""
-    path = Path(cfg.state_dir) / "pipeline" / "executions.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"stage": stage, "time": dt.datetime.now(dt.UTC).isoformat(), "pid": os.getpid(), **info}
-    with path.open("a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
-
-
-def maybe_inject_failure(stage: str) -> None:
-    """Test hook: ``MGPO_FAIL_STAGE=<stage>`` makes that stage fail (a transient-looking error)."""
-    if os.environ.get("MGPO_FAIL_STAGE") == stage:
-        raise RuntimeError(f"injected failure in stage {stage!r} (MGPO_FAIL_STAGE)")
-
-
-def tracking_uri(cfg: MGPOConfig) -> str:
-    from mgpo_core.training.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)

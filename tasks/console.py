@@ -195,21 +195,6 @@ def failure_paragraph(console: Console, exc: BaseException, rerun: str) -> str:
     )
 
 
-def staged(name: str):  # noqa: ANN201
-    """Decorator for a stage task's body: its output goes to the stage's log file under ``mgpo run``."""
-    import functools
-
-    def deco(fn):  # noqa: ANN001, ANN202
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            with stage_output(name):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    return deco
-
-
 def park_output(log: Path) -> None:
     """After the summary: what libraries print at exit (Prefect stopping its temporary server) goes to ``log``."""
     sys.stdout.flush()

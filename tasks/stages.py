@@ -14,16 +14,15 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from mgpo_core.ops.tracking import tracking_uri_for
 from tasks.common import (
     digest,
     git_sha,
     load_cfg,
-    maybe_inject_failure,
-    record_execution,
     stage_cache_key,
-    tracking_uri,
 )
-from tasks.console import progress, staged
+from tasks.console import progress
+from tasks.hooks import stage_body
 from tasks.retry import retry_if_transient
 
 # MGPO_TASK_RETRIES overrides the retry count (tests of failure handling set 0).
@@ -38,15 +37,15 @@ def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> s
     """An MLflow run nested under the pipeline run (so the lineage is browsable in the UI)."""
     from mlflow.tracking import MlflowClient
 
-    from mgpo_core.training.tracking import artifact_root
+    from mgpo_core.ops.tracking import artifact_root
 
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri_for(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
     exp_id = (
         exp.experiment_id
         if exp
         else client.create_experiment(
-            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir, tracking_uri(cfg))
+            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir, tracking_uri_for(cfg))
         )
     )
     tags = {"mgpo.stage": stage}
@@ -64,7 +63,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
     run_id = _start_child_run(cfg, None, f"pipeline-{cfg.run_name}", "pipeline")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri_for(cfg))
     client.set_tag(run_id, "mgpo.config_hash", config_hash(cfg))
     client.set_tag(run_id, "mgpo.git_sha", git_sha())
     return run_id
@@ -77,7 +76,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
     timeout_seconds=6 * 3600,
     **RETRY,
 )
-@staged("filter")
+@stage_body("filter")
 def filter_task(
     preset: str,
     overrides: list[str],
@@ -93,8 +92,6 @@ def filter_task(
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "filter")
-    maybe_inject_failure("filter")
     state = Path(cfg.state_dir)
     eval_path = cfg.data.eval_path
     if not inputs:
@@ -151,7 +148,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
     from mlflow.tracking import MlflowClient
 
     run_id = _start_child_run(cfg, parent_run_id, "filter", "filter")
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri_for(cfg))
     for k, v in result.report.get("counts", {}).items():
         client.log_metric(run_id, f"data/{k}", float(v))
     for k, v in result.report.get("dropped_by_reason", {}).items():
@@ -169,7 +166,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
     timeout_seconds=3 * 24 * 3600,
     **RETRY,
 )
-@staged("train")
+@stage_body("train")
 def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], parent_run_id: str | None) -> dict:
     """Launch the DeepSpeed process group on the filtered dataset; a retry resumes from the last checkpoint."""
     from mgpo_core.config import config_hash
@@ -177,8 +174,6 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
 
     log = get_run_logger()
     cfg = load_cfg(preset, [*overrides, f"data.train_path={dataset['dataset_dir']}"])
-    record_execution(cfg, "train")
-    maybe_inject_failure("train")
     # The run directory is a function of the stage inputs: a retry (or a rerun after a crash) resumes there.
     run_dir = (
         Path(cfg.state_dir) / "runs" / f"{cfg.run_name}-{digest(config_hash(cfg), dataset['dataset_hash'])}"
@@ -189,7 +184,7 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
         log.warning(
             "the run directory's MLflow run %s is not in the tracking store %s: starting a new one",
             mlflow_run_id,
-            tracking_uri(cfg),
+            tracking_uri_for(cfg),
         )
         mlflow_run_id = None
     if mlflow_run_id is None:
@@ -216,7 +211,7 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
                         selection={str(k): v for k, v in sel.curve.items()})  # fmt: skip
         progress(f"train     selected the checkpoint of step {sel.best_step}: {sel.metric} = {sel.curve[sel.best_step]:.4f}")
     if manifest.get("hf_export"):
-        from mgpo_core.registry import checkpoint_digest
+        from mgpo_core.ops.registry import checkpoint_digest
         from tasks.validate import tree_fingerprint
 
         manifest["hf_export_digest"] = checkpoint_digest(manifest["hf_export"])
@@ -230,7 +225,7 @@ def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None
     from mlflow.tracking import MlflowClient
 
     from mgpo_core.evaluation.runner import evaluate
-    from mgpo_core.modeling.loading import model_dir_for
+    from mgpo_core.modeling.source import model_dir_for
     from mgpo_core.training.select import select_checkpoint
 
     def evaluate_dir(hf_dir: Path, out: Path) -> dict[str, float]:
@@ -246,7 +241,7 @@ def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None
             engine.close()
         return metrics
 
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri_for(cfg))
     run_id = manifest.get("mlflow_run_id")
 
     def log_point(key: str, value: float, step: int) -> None:
@@ -263,7 +258,7 @@ def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
     from mlflow.tracking import MlflowClient
 
     try:
-        return MlflowClient(tracking_uri(cfg)).get_run(run_id).info.lifecycle_stage != "deleted"
+        return MlflowClient(tracking_uri_for(cfg)).get_run(run_id).info.lifecycle_stage != "deleted"
     except MlflowException as e:
         if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return False
@@ -277,20 +272,18 @@ def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
     timeout_seconds=3600,
     **RETRY,
 )
-@staged("register")
+@stage_body("register")
 def register_task(
     preset: str, overrides: list[str], train: dict[str, Any], parent_run_id: str | None
 ) -> dict:
     """Register the exported checkpoint as a model version (alias ``challenger``) with lineage tags."""
     from mgpo_core.config import config_hash
-    from mgpo_core.registry import register_checkpoint
+    from mgpo_core.ops.registry import register_checkpoint
 
     cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "register")
-    maybe_inject_failure("register")
     v = register_checkpoint(
         train["hf_export"],
-        tracking_uri=tracking_uri(cfg),
+        tracking_uri=tracking_uri_for(cfg),
         model_name=cfg.tracking.registered_model_name,
         experiment=cfg.tracking.experiment_name,
         tags={
@@ -321,7 +314,7 @@ def register_task(
     timeout_seconds=12 * 3600,
     **RETRY,
 )
-@staged("evaluate")
+@stage_body("evaluate")
 def evaluate_task(
     preset: str,
     overrides: list[str],
@@ -331,8 +324,6 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Evaluate the registered version on every configured benchmark; scores go to MLflow and onto the version."""
     cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "evaluate", version=registration["version"])
-    maybe_inject_failure("evaluate")
     name = f"{registration['model_name']}-v{registration['version']}"
     return _evaluate_model(
         cfg, registration["hf_export"], name, eval_path, parent_run_id, f"evaluate-v{registration['version']}",
@@ -347,17 +338,15 @@ def evaluate_task(
     timeout_seconds=12 * 3600,
     **RETRY,
 )
-@staged("baseline")
+@stage_body("baseline")
 def baseline_task(preset: str, overrides: list[str], eval_path: str | None, parent_run_id: str | None) -> dict:
     """Evaluate the model training starts from, as the trained version will be (the bar it must clear).
 
     Cached on the starting model and the evaluation settings, so it runs once per base model, not per run.
     """
-    from mgpo_core.modeling.loading import model_dir_for
+    from mgpo_core.modeling.source import model_dir_for
 
     cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "baseline")
-    maybe_inject_failure("baseline")
     model_dir = model_dir_for(cfg)
     out = _evaluate_model(cfg, str(model_dir), f"base-{Path(model_dir).name}", eval_path, parent_run_id, "baseline",
                           label="base", stage="baseline")  # fmt: skip
@@ -382,8 +371,8 @@ def _evaluate_model(
     nested under the pipeline run (and onto the model version when given); returns metrics and where they are."""
     from mlflow.tracking import MlflowClient
 
-    from mgpo_core.evaluation.mlflow_log import log_eval_results
     from mgpo_core.evaluation.runner import evaluate
+    from mgpo_core.ops.eval_log import log_eval_results
 
     log = get_run_logger()
     out_root = Path(cfg.state_dir) / "eval" / name
@@ -403,9 +392,9 @@ def _evaluate_model(
         engine.close()
     run_id = _start_child_run(cfg, parent_run_id, run_name, stage)
     log_eval_results(
-        results, tracking_uri=tracking_uri(cfg), run_id=run_id, model_name=model_name, model_version=model_version
+        results, tracking_uri=tracking_uri_for(cfg), run_id=run_id, model_name=model_name, model_version=model_version
     )
-    MlflowClient(tracking_uri(cfg)).set_terminated(run_id)
+    MlflowClient(tracking_uri_for(cfg)).set_terminated(run_id)
     metrics: dict[str, float] = {}
     for r in results:
         metrics.update(r.prefixed())
@@ -419,25 +408,24 @@ def _evaluate_model(
 
 def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
     """The configured rollout engine on a checkpoint directory (``auto``: vLLM when importable)."""
-    from mgpo_core.evaluation.cli import build_engine
+    from mgpo_core.rollout.factory import build_rollout_engine
 
-    return build_engine(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_dir})}))
+    return build_rollout_engine(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_dir})}))
 
 
 @task(name="promote", timeout_seconds=600, **RETRY)
-@staged("promote")
+@stage_body("promote")
 def promote_task(
     preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict, baseline: dict | None = None
 ) -> dict:
     """Move ``champion`` to the new version only if it beats the current champion on the configured metric (with
     no champion yet: only if it beats the model training started from)."""
-    from mgpo_core.registry import promote_if_better
+    from mgpo_core.ops.registry import promote_if_better
 
     cfg = load_cfg(preset, overrides)
-    record_execution(cfg, "promote", version=registration["version"])
     metric = cfg.evaluation.promotion_metric
     d = promote_if_better(
-        tracking_uri(cfg),
+        tracking_uri_for(cfg),
         registration["model_name"],
         registration["version"],
         metric,

@@ -46,7 +46,7 @@ def state_identity(state_dir: str | Path) -> str:
 def store_identity(uri: str, state_dir: str | Path) -> str:
     """Which MLflow store ``uri`` is: ``state-folder`` for the state folder's own store (SQLite directly, or the
     local MLflow server that serves it), else the URI without credentials."""
-    from mgpo_core.servers import mlflow_store_paths, read_records
+    from mgpo_core.ops.servers import mlflow_store_paths, read_records
 
     db, _ = mlflow_store_paths(state_dir)
     if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).resolve() == db:
@@ -94,9 +94,9 @@ def _inside_state(cfg: MGPOConfig, path: str | None, what: str) -> Path:
 def _client(cfg: MGPOConfig):  # noqa: ANN202
     from mlflow.tracking import MlflowClient
 
-    from tasks.common import tracking_uri
+    from mgpo_core.ops.tracking import tracking_uri_for
 
-    return MlflowClient(tracking_uri(cfg))
+    return MlflowClient(tracking_uri_for(cfg))
 
 
 def _mlflow_run_exists(cfg: MGPOConfig, run_id: str | None, what: str) -> None:
@@ -139,7 +139,7 @@ def check_train(cfg: MGPOConfig, value: dict[str, Any]) -> None:
     if not (export / "config.json").is_file():
         raise StaleCacheError(f"its exported checkpoint {export} has no config.json")
     if value.get("hf_export_fingerprint") != tree_fingerprint(export):
-        from mgpo_core.registry import checkpoint_digest
+        from mgpo_core.ops.registry import checkpoint_digest
 
         if checkpoint_digest(export) != value.get("hf_export_digest"):
             raise StaleCacheError(f"its exported checkpoint {export} no longer matches its digest")
@@ -149,7 +149,7 @@ def check_train(cfg: MGPOConfig, value: dict[str, Any]) -> None:
 def check_register(cfg: MGPOConfig, value: dict[str, Any]) -> None:
     from mlflow.exceptions import MlflowException
 
-    from mgpo_core.registry import DIGEST_TAG
+    from mgpo_core.ops.registry import DIGEST_TAG
 
     name, version = value.get("model_name"), value.get("version")
     try:

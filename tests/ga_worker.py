@@ -32,14 +32,10 @@ def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(out_dir: str) -> int:
     from mgpo_core.config import load_config
     from mgpo_core.modeling.loading import load_bundle, load_model
+    from mgpo_core.training.distributed import init_distributed
     from mgpo_core.training.sampler import shard_for_rank
-    from mgpo_core.training.trainer import (
-        UpdateSettings,
-        build_engine,
-        init_distributed,
-        minibatch_update,
-        reference_logprobs,
-    )
+    from mgpo_core.training.trainer import build_engine
+    from mgpo_core.training.update import UpdateSettings, minibatch_update, reference_logprobs
 
     d = Path(out_dir)
     spec = torch.load(d / "inputs.pt", weights_only=False)

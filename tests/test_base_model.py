@@ -12,7 +12,7 @@ import pytest
 from mgpo_core.config import load_config
 from mgpo_core.data.synthetic import VOCABULARY
 from mgpo_core.grounding import GroundingOptions, parse_grounding_box
-from mgpo_core.modeling import base, base_tasks
+from mgpo_core.modeling import base, base_skills, base_tasks
 from mgpo_core.modeling.base_tasks import GRID, SceneSpec, grid_box, make_item, make_scene
 from mgpo_core.modeling.loading import load_bundle, load_model
 
@@ -347,7 +347,7 @@ def test_the_shipped_base_is_the_current_recipe_and_meets_its_skill_floor():
     )
     note = json.loads((shipped / base.MANIFEST).read_text())
     assert note["recipe_digest"] == base.DEFAULT_RECIPE.digest() and note["shipped_dtype"] == "bfloat16"
-    skills = base.skill_report(shipped, scenes=64, seed=777)
+    skills = base_skills.skill_report(shipped, scenes=64, seed=777)
     print(f"shipped base skills: {json.dumps(skills)}")
     for k, floor in FLOOR.items():
         assert skills[k] >= floor, f"{k} = {skills[k]:.3f} < floor {floor} ({skills})"
@@ -359,11 +359,11 @@ def test_mgpo_s_own_template_rarely_triggers_the_shipped_bases_grounding(tmp_pat
     """The cold start, as in the paper: the base boxes when asked in the words it was trained on (floor above), but
     MGPO's turn-1 request, worded unlike anything it saw, gets a box only now and then (sampled at T = 1): rare
     enough for the valid-box curve to have room to rise, frequent enough for RL to find the boxes it rewards."""
-    from mgpo_core.evaluation.cli import build_engine
-    from mgpo_core.training.entry import load_eval_samples
+    from mgpo_core.data.splits import load_eval_samples
+    from mgpo_core.rollout.factory import build_rollout_engine
 
     cfg = load_config("tiny-base-cpu", [f"state_dir={tmp_path}"])
-    engine = build_engine(cfg, "hf")
+    engine = build_rollout_engine(cfg, "hf")
     eps = engine.generate_episodes(load_eval_samples(cfg)[:32], 4, greedy=False, seed=0)
     valid = sum(e.grounding.valid for e in eps) / len(eps)
     print(f"valid boxes under MGPO's turn 1, sampled: {valid:.3f}")

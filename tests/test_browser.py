@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from test_pipeline import SETS as PIPELINE_SETS
 
-from mgpo_core.servers import free_port, group_alive, read_records
+from mgpo_core.ops.servers import free_port, group_alive, read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -61,7 +61,7 @@ def base_env(home: Path) -> dict[str, str]:
 
 def mgpo(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mgpo_core.cli", *args],
+        [sys.executable, "-m", "mgpo_cli", *args],
         env=env,
         capture_output=True,
         text=True,

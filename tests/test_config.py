@@ -112,7 +112,7 @@ def test_paper_preset_has_every_constant_of_method_section_2(model_dir_env: Path
 
 
 def test_every_value_line_of_paper_preset_cites_its_source() -> None:
-    text = (REPO_ROOT / "mgpo_core" / "presets" / f"{PAPER}.yaml").read_text(encoding="utf-8")
+    text = (REPO_ROOT / "mgpo_core" / "config" / "presets" / f"{PAPER}.yaml").read_text(encoding="utf-8")
     value_lines = [
         ln
         for ln in text.splitlines()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mgpo_core.cli import main
+from mgpo_cli.data import FORMAT_CHOICES
+from mgpo_cli.main import main
 from mgpo_core.config import load_config
-from mgpo_core.data.cli import FORMAT_CHOICES
 from mgpo_core.data.readers import FORMATS, DataInputError
 from mgpo_core.data.stage import InputSpec, run_filter_stage
 from mgpo_core.data.synthetic import read_samples_jsonl, write_synthetic_split
@@ -301,7 +301,8 @@ def test_the_dataset_hash_does_not_depend_on_where_the_state_folder_lies(tmp_pat
 
 
 def test_mme_realworld_images_published_apart_from_the_json_need_the_image_root_and_say_so(tmp_path):
-    from mgpo_core.evaluation.registry import ReadContext, get_benchmark
+    from mgpo_core.evaluation.benchmarks import get_benchmark
+    from mgpo_core.evaluation.spec import ReadContext
 
     images = tmp_path / "downloads" / "images"
     (images / "remote_sensing").mkdir(parents=True)

@@ -10,13 +10,13 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mgpo_core.cli import main
-from mgpo_core.evaluation.cli import build_engine
+from mgpo_cli.main import main
 from mgpo_core.evaluation.direct import model_max_pixels
-from mgpo_core.evaluation.mlflow_log import log_eval_results, model_version_eval_tags
 from mgpo_core.evaluation.runner import evaluate
 from mgpo_core.imaging import overview_size
+from mgpo_core.ops.eval_log import log_eval_results, model_version_eval_tags
 from mgpo_core.rollout import vllm_available
+from mgpo_core.rollout.factory import build_rollout_engine
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_vllm_engine_evaluates_both_modes_with_the_same_prompts_as_ours(
     cfg.state_dir = str(tmp_path / "state")
     cfg.evaluation.max_new_tokens = 6
     cfg.rollout.max_model_len = 4096
-    engine = build_engine(cfg, "vllm")  # full-resolution direct images must pass vLLM's resize untouched
+    engine = build_rollout_engine(cfg, "vllm")  # full-resolution direct images must pass vLLM's resize untouched
     try:
         # the engine raises if vLLM's expansion of a prompt differs from ours (image sizes, placeholders)
         results = {

@@ -6,15 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mgpo_core.data.schema import Sample
-from mgpo_core.evaluation import registry
+from mgpo_core.evaluation.benchmarks import available_benchmarks, get_benchmark
 from mgpo_core.evaluation.grounding_metrics import aggregate_grounding, enclosing_box, grounding_outcome
-from mgpo_core.evaluation.registry import (
-    BenchmarkSpec,
-    available_benchmarks,
-    get_benchmark,
-    register_benchmark,
-    strip_inline_choices,
-)
 from mgpo_core.evaluation.runner import subsample
 from mgpo_core.evaluation.scoring import (
     Outcome,
@@ -25,6 +18,7 @@ from mgpo_core.evaluation.scoring import (
     synthetic_scores,
     vstar_scores,
 )
+from mgpo_core.evaluation.spec import BENCHMARKS, BenchmarkSpec, register_benchmark, strip_inline_choices
 from mgpo_core.grounding import GroundingResult
 
 
@@ -184,8 +178,15 @@ def test_builtin_benchmarks_are_registered_by_name() -> None:
     assert get_benchmark("hrbench_8k").aggregate is hrbench_scores
 
 
-def test_registry_refuses_duplicates_and_suggests_close_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "BENCHMARKS", dict(registry.BENCHMARKS))
+@pytest.fixture
+def restored_benchmarks():  # noqa: ANN201
+    saved = dict(BENCHMARKS)
+    yield BENCHMARKS
+    BENCHMARKS.clear()
+    BENCHMARKS.update(saved)
+
+
+def test_registry_refuses_duplicates_and_suggests_close_names(restored_benchmarks) -> None:  # noqa: ANN001
     spec = BenchmarkSpec(
         "my_bench", "one small spec", read=lambda ctx: [], labels=lambda s: {}, aggregate=vstar_scores
     )

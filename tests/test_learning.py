@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_training_starts_from_the_base_model_the_config_names(tmp_path):
+    from mgpo_core.data.splits import load_training_samples
     from mgpo_core.modeling.base import shipped_base_dir
-    from mgpo_core.training.entry import load_training_samples
     from mgpo_core.training.trainer import MGPOTrainer
 
     shipped = shipped_base_dir(0)

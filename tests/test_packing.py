@@ -129,7 +129,7 @@ def test_micro_batch_order_keeps_a_prompts_rollouts_together(episodes):
     import dataclasses
 
     from mgpo_core.algorithms import LossCoefficients
-    from mgpo_core.training.trainer import UpdateSettings, micro_batch_order
+    from mgpo_core.training.update import UpdateSettings, micro_batch_order
 
     eps = [episodes[i] for i in (0, 3, 6, 1, 4, 7, 2, 5, 8)]  # groups interleaved
     settings = UpdateSettings(coefs=LossCoefficients(), micro_batch_size=3, pad_id=0, share_prompt=True)
@@ -148,7 +148,7 @@ def test_forward_tokens_counts_each_shared_prompt_once_per_micro_batch(episodes)
     import dataclasses
 
     from mgpo_core.algorithms import LossCoefficients
-    from mgpo_core.training.trainer import UpdateSettings, forward_tokens
+    from mgpo_core.training.update import UpdateSettings, forward_tokens
 
     settings = UpdateSettings(coefs=LossCoefficients(), micro_batch_size=3, pad_id=0, share_prompt=True)
     minis = [(episodes, None)]  # 3 prompts × 3 rollouts in group order: one prompt per micro-batch

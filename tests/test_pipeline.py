@@ -43,13 +43,15 @@ SETS = [
 
 
 def run_pipeline(state: Path, *, fail: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mgpo_core.cli", "run", "--preset", "tiny-cpu", "--set", f"state_dir={state}"]
+    cmd = [sys.executable, "-m", "mgpo_cli", "run", "--preset", "tiny-cpu", "--set", f"state_dir={state}"]
     for s in (*SETS, *extra):
         cmd += ["--set", s]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
     env.update(MGPO_TASK_RETRIES="0", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    if fail:
-        env["MGPO_FAIL_STAGE"] = fail
+    if fail:  # through the stage-hook seam (tests/stage_hooks.py), not code in the tasks
+        tests_dir = str(Path(__file__).resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
+        env.update(MGPO_STAGE_HOOKS="stage_hooks:fail_stage", MGPO_FAIL_STAGE=fail)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -144,7 +146,7 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
 def _mgpo(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
     return subprocess.run(
-        [sys.executable, "-m", "mgpo_core.cli", *args], env=env, capture_output=True, text=True, timeout=400
+        [sys.executable, "-m", "mgpo_cli", *args], env=env, capture_output=True, text=True, timeout=400
     )
 
 
@@ -153,7 +155,7 @@ def test_day_two_servers_up_then_rerun_deleted_version_and_moved_state(clean_run
     same store the server serves, so the rerun succeeds from cache. Then a registered version is deleted, and the
     state folder is moved: each rerun validates the cached results, runs again what went stale and says why.
     (Runs last: it changes the clean run's state folder.)"""
-    from mgpo_core.servers import free_port, read_records, stop_process_group, stop_servers
+    from mgpo_core.ops.servers import free_port, read_records, stop_process_group, stop_servers
 
     state = clean_run
     before = executions(state)

@@ -174,7 +174,7 @@ def variant(tiny_dir: Path, dst: Path, note: str) -> Path:
 
 def registry_round_trip(uri: str, tiny_dir: Path, tmp: Path, artifact_location: str | None) -> dict[str, str]:
     """Register two checkpoints, score them, promote; returns their versions after checking the decisions."""
-    from mgpo_core.registry import promote_if_better, register_checkpoint, tag_scores
+    from mgpo_core.ops.registry import promote_if_better, register_checkpoint, tag_scores
 
     tags = {"mgpo.git_sha": "abc123", "mgpo.config_hash": "c0ffee", "mgpo.dataset_hash": "d00d"}
     kw = {"tracking_uri": uri, "model_name": MODEL, "experiment": "mgpo", "tags": tags,

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mgpo_core.registry import CHALLENGER, CHAMPION, promote_if_better, register_checkpoint, tag_scores
+from mgpo_core.ops.registry import CHALLENGER, CHAMPION, promote_if_better, register_checkpoint, tag_scores
 
 pytestmark = pytest.mark.slow
 

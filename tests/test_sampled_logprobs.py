@@ -22,7 +22,7 @@ from mgpo_core.config import load_config
 from mgpo_core.episodes import TURN1_TOKEN, train_mask
 from mgpo_core.logprobs import collate_episodes, entropy_from_logits, forward_hidden, logprobs_from_logits
 from mgpo_core.training.rewards import get_reward
-from mgpo_core.training.trainer import UpdateSettings
+from mgpo_core.training.update import UpdateSettings
 
 T = 0.7
 SMALL = [

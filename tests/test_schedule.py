@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mgpo_core.servers import free_port, group_alive, read_records, stop_process_group, stop_servers
+from mgpo_core.ops.servers import free_port, group_alive, read_records, stop_process_group, stop_servers
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
@@ -33,7 +33,7 @@ def client_env(**extra: str) -> dict[str, str]:
 
 
 def mgpo(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mgpo_core.cli", *args]
+    cmd = [sys.executable, "-m", "mgpo_cli", *args]
     return subprocess.run(cmd, env=client_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -146,7 +146,7 @@ def test_cron_schedule_creates_a_flow_run_that_the_served_deployment_completes(
 
     marker, log = tmp_path / "marker.jsonl", tmp_path / "serve.log"
     cmd = [
-        sys.executable, "-m", "mgpo_core.cli", "serve", "--state-dir", str(prefect_server.state),
+        sys.executable, "-m", "mgpo_cli", "serve", "--state-dir", str(prefect_server.state),
         "--entrypoint", "flows/smoke.py:smoke", "--name", "smoke-every-minute", "--cron", "* * * * *",
     ]  # fmt: skip
     env = client_env(MGPO_SMOKE_MARKER=str(marker), PREFECT_RUNNER_POLL_FREQUENCY="2")

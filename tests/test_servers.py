@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mgpo_core.servers import (
+from mgpo_core.ops.servers import (
     Endpoints,
     ServerRecord,
     ServersError,
@@ -42,7 +42,7 @@ from mgpo_core.servers import (
 
 def mgpo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-m", "mgpo_core.cli", *args]
+    cmd = [sys.executable, "-m", "mgpo_cli", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

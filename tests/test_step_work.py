@@ -70,10 +70,10 @@ def _update(tiny_dir, special, cfg, episodes, adv, *, path: str, bucket: bool, s
     """One ZeRO-2 optimiser step over the 8 episodes (4 micro-batches of 2) along ``path``; returns
     (parameter change, metrics, padded tokens). ``share``: shared-prompt packing (tests/test_packing.py)."""
     from mgpo_core.modeling.loading import load_model
-    from mgpo_core.training.trainer import (
+    from mgpo_core.training.distributed import init_distributed
+    from mgpo_core.training.trainer import build_engine
+    from mgpo_core.training.update import (
         UpdateSettings,
-        build_engine,
-        init_distributed,
         micro_batch_order,
         minibatch_update,
         reference_logprobs,

@@ -7,7 +7,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from mgpo_core.training.tracking import MetricsSink
+from mgpo_core.ops.tracking import MetricsSink
 
 
 def test_a_resumed_run_does_not_send_the_steps_after_its_checkpoint_twice(tmp_path):

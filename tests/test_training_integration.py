@@ -41,7 +41,7 @@ def _first_token_in_half(tiny_vocab: int):  # noqa: ANN202
 
 
 def test_mean_reward_rises_on_a_learnable_task(tmp_path, tiny_bundle):
-    from mgpo_core.training.entry import load_training_samples
+    from mgpo_core.data.splits import load_training_samples
     from mgpo_core.training.rewards import REWARDS
     from mgpo_core.training.trainer import MGPOTrainer
 

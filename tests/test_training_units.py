@@ -10,9 +10,9 @@ import torch
 
 from mgpo_core.algorithms import grpo_advantages
 from mgpo_core.config import load_config
+from mgpo_core.ops.tracking import MetricsSink, replay_pending
 from mgpo_core.training.ds_config import build_ds_config, micro_steps_per_minibatch
 from mgpo_core.training.sampler import PromptSampler, SamplerState, shard_for_rank
-from mgpo_core.training.tracking import MetricsSink, replay_pending
 
 
 def test_sampler_covers_each_epoch_once_and_resumes_exactly():

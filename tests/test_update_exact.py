@@ -84,7 +84,7 @@ def _plain_torch_update(tiny_dir, special, cfg, episodes, adv):  # noqa: ANN001,
     """-lr * clip(grad) of ONE pass over the whole mini-batch, without DeepSpeed: the definition."""
     from mgpo_core.algorithms import mgpo_loss
     from mgpo_core.modeling.loading import load_model
-    from mgpo_core.training.trainer import UpdateSettings, reference_logprobs
+    from mgpo_core.training.update import UpdateSettings, reference_logprobs
 
     model = load_model(tiny_dir, dtype="float32")
     model.train()

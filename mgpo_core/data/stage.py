@@ -234,9 +234,9 @@ def _chunks(rows: Iterable[DataRow], size: int) -> Iterator[list[DataRow]]:
 
 def default_engine(cfg: MGPOConfig) -> RolloutEngine:
     """The rollout engine of ``cfg`` (``rollout.engine``) for the pass-rate filter."""
-    from mgpo_core.evaluation.cli import build_engine  # the shared engine factory; heavy imports stay lazy
+    from mgpo_core.rollout.factory import build_rollout_engine  # heavy imports stay lazy
 
-    return build_engine(cfg)
+    return build_rollout_engine(cfg)
 
 
 def _apply_pass_rate(

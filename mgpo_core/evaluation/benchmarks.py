@@ -9,6 +9,7 @@ MME-RealWorld's `task`/`subtask` are in `Sample.meta`.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -16,21 +17,22 @@ from pathlib import Path
 
 from mgpo_core.data.schema import Sample
 from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_options, write_synthetic_split
-from mgpo_core.evaluation.registry import (
-    BenchmarkSpec,
-    ReadContext,
-    register_benchmark,
-    sample_attr,
-    strip_inline_choices,
-)
 from mgpo_core.evaluation.scoring import (
     hrbench_scores,
     mme_realworld_scores,
     synthetic_scores,
     vstar_scores,
 )
+from mgpo_core.evaluation.spec import (
+    BENCHMARKS,
+    BenchmarkSpec,
+    ReadContext,
+    register_benchmark,
+    sample_attr,
+    strip_inline_choices,
+)
 
-__all__ = ["BUILTIN_BENCHMARKS", "read_with_data_readers"]
+__all__ = ["BUILTIN_BENCHMARKS", "available_benchmarks", "get_benchmark", "read_with_data_readers"]
 
 log = logging.getLogger(__name__)
 
@@ -229,3 +231,20 @@ BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
 
 for _spec in BUILTIN_BENCHMARKS:
     register_benchmark(_spec)
+
+
+def available_benchmarks() -> list[str]:
+    """Names of every registered benchmark, sorted."""
+    return sorted(BENCHMARKS)
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """The spec registered as ``name``; an unknown name raises KeyError listing the names (and a near one)."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(BENCHMARKS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise KeyError(
+            f"unknown benchmark {name!r}; {hint}registered benchmarks: {sorted(BENCHMARKS)}"
+        ) from None

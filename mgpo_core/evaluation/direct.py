@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mgpo_core.data.schema import Sample, format_choices
 from mgpo_core.episodes import encode_image
-from mgpo_core.imaging import PROCESSOR_MAX_PIXELS, open_image, resize_for_model
+from mgpo_core.imaging import model_max_pixels, open_image, resize_for_model
 from mgpo_core.rollout.base import GenerationRequest, RolloutEngine, SamplingSpec
 
 __all__ = ["DirectOutput", "DirectPrompt", "direct_prompt_ids", "generate_direct", "model_max_pixels"]
@@ -49,19 +49,6 @@ class DirectOutput:
     visual_tokens: int
     image_size: tuple[int, int]
     original_size: tuple[int, int]
-
-
-def model_max_pixels(image_processor: object) -> int:
-    """The largest image (in pixels) the model's processor accepts without downscaling it again.
-
-    Qwen2-VL-family processors keep it as ``max_pixels`` or in ``size["longest_edge"]`` (a pixel count despite
-    its name); 12,845,056 (16,384 visual tokens) when neither is set.
-    """
-    value = getattr(image_processor, "max_pixels", None)
-    if not value:
-        size = getattr(image_processor, "size", None)
-        value = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
-    return int(value) if value else PROCESSOR_MAX_PIXELS
 
 
 def direct_prompt_ids(

@@ -1,6 +1,6 @@
 """The generic benchmark evaluator: `evaluate(cfg, benchmark, engine, out_dir)` rolls a registered benchmark
 out greedily in MGPO two-turn or direct single-turn mode and writes per-sample JSONL, a summary JSON and a
-picture; it returns an `EvalResult` whose metrics the caller logs (see `mlflow_log`).
+picture; it returns an `EvalResult` whose metrics the caller logs (see `mgpo_core.ops.eval_log`).
 
 Files in ``out_dir``: ``samples.jsonl`` (one record per question, written batch by batch), ``summary.json``
 (metrics, counts, timings, settings) and ``picture.png`` (the first questions with predicted crop and ground
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from tqdm.auto import tqdm
 
 from mgpo_core.data.schema import Sample
+from mgpo_core.evaluation.benchmarks import get_benchmark
 from mgpo_core.evaluation.direct import DirectPrompt, generate_direct
 from mgpo_core.evaluation.grounding_metrics import GroundingOutcome, aggregate_grounding, grounding_outcome
-from mgpo_core.evaluation.registry import BenchmarkSpec, ReadContext, get_benchmark
 from mgpo_core.evaluation.scoring import Outcome, group_counts
+from mgpo_core.evaluation.spec import BenchmarkSpec, ReadContext
 from mgpo_core.evaluation.visualize import PictureItem, draw_eval_grid
 from mgpo_core.reward import answer_reward
 from mgpo_core.rollout.base import RolloutEngine, RolloutSettings

@@ -20,7 +20,6 @@ random tiny model) with ``mgpo_base.json``: builder version, seed, recipe, per-s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,186 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from mgpo_core.modeling import tiny
-from mgpo_core.modeling.base_tasks import TASKS, PretrainItem, SceneSpec, make_item, make_scene
+from mgpo_core.modeling.base_recipes import _SCENE_TASKS, DEFAULT_RECIPE, BaseRecipe, Stage
+from mgpo_core.modeling.base_skills import skill_report
+from mgpo_core.modeling.base_tasks import TASKS, ItemEncoder, PretrainItem, SceneSpec, make_item, make_scene
 
 BASE_BUILDER_VERSION = "2"
 """Bumped whenever the built weights would change for the same recipe and seed (cache key, manifest)."""
 
 MANIFEST = "mgpo_base.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One curriculum stage: ``steps`` optimiser steps on a task mix (weights by task name)."""
-
-    name: str
-    steps: int
-    mix: dict[str, float]
-    long_system: bool = False
-    lr: float = 1e-3
-    restart: bool = False
-    """Start the stage with a fresh optimiser and its own item stream (seeded by seed and stage index), so a
-    build resumed here from the previous stage's snapshot is exactly the one-go build."""
-    decay: bool = False
-    """Cosine-decay the learning rate to 10 % over the stage (else constant after warmup: the position
-    circuit forms abruptly after a plateau, and a decayed rate can miss it)."""
-    marks: tuple[float, ...] = (0.25,)
-    """Mark sizes (share of the tag's side) the stage's pictures have: reading starts on big marks."""
-    grids: tuple[int, int, int, int] = (3, 3, 9, 7)
-    """``spot`` scenes' size in visual tokens: (min columns, min rows, max columns, max rows)."""
-    plain: float = 0.0
-    """Share of ``spot`` scenes that show the tag alone on a flat background (no clutter, no decoys)."""
-    box_cells: int = 3
-    """Side of a ``spot`` answer box in grid cells (``locate`` boxes are always 3x3 cells)."""
-    aligned: bool = False
-    """Plain ``spot`` scenes put the tag at the centre of one visual token (the first, sharpest pictures)."""
-    vision_lr: float | None = None
-    """The vision tower's and merger's learning rate (None: ``lr``). Colours learnt on top of the position
-    circuit need the vision side to move faster than the language model, whose slower rate keeps the circuit."""
-    item_mean: bool = False
-    """Average the loss per item, then over the batch (off: over all reply tokens, so a 44-token box reply
-    outweighs a 2-token colour word 20 to 1 and the colour items barely train)."""
-
-
-    keep_vision: float = 0.0
-    """Weight of a loss that keeps the vision side's output on the batch's whole-scene pictures (its ``square``,
-    ``spot``, ``locate`` and ``ask`` items) what it was at the stage's start (squared error relative to the
-    features' mean square): the position circuit reads those features, so colours learnt on close-ups must not
-    move them (docs/REPRODUCTION.md, session 6)."""
-
-
-_ADDED_LATER = {"vision_lr": None, "item_mean": False, "keep_vision": 0.0}
-"""Stage fields added after the shipped grounding build: in a recipe's digest only when set away from these
-defaults, so adding a field does not change the digest of recipes that do not use it."""
-
-_SCENE_TASKS = ("square", "spot", "locate", "ask")
-"""Tasks whose one picture is a whole scene (``keep_vision`` holds the vision side's output on them)."""
-
-
-@dataclass(frozen=True)
-class BaseRecipe:
-    """Everything that determines the base model besides the seed (hashed into the cache key).
-
-    With a ``parent`` the build starts from the parent recipe's model for the same seed (the shipped one, or
-    built first), rounded to bfloat16 as a shipped model is, and runs only its own ``stages`` on top; the
-    parent's recipe is part of this one's digest.
-    """
-
-    scene: SceneSpec = field(default_factory=SceneSpec)
-    stages: tuple[Stage, ...] = (
-        # Where things are, in the order a tiny model can learn it (docs/REPRODUCTION.md): a white square on
-        # pictures of 2x2..5x5 tokens (one-token boxes), then the tag on flat pictures, then cluttered ones,
-        # then the full scene. Straight on the full 9x7-token overview it only ever learns the boxes' prior.
-        Stage("square", 150, {"square": 1.0}, grids=(2, 2, 3, 3)),
-        Stage("square-mid", 100, {"square": 1.0}, grids=(3, 3, 5, 5)),
-        Stage("spot-plain", 200, {"spot": 1.0}, grids=(4, 4, 7, 7), plain=1.0),
-        Stage("spot", 150, {"spot": 1.0}, grids=(4, 3, 9, 7), plain=0.3),
-        Stage("locate", 200, {"spot": 0.3, "locate": 0.7}, grids=(4, 3, 9, 7)),
-        # what things are: colours from close-ups, big marks first
-        # (at 1e-3 the close-ups wiped the position circuit out within 50 steps: a lower rate from here on)
-        Stage("colour", 60, {"name": 0.6, "locate": 0.4}, marks=(0.7, 0.5), lr=4e-4, restart=True),
-        Stage("name", 80, {"name": 0.6, "locate": 0.4}, marks=(0.5, 0.35, 0.25), lr=4e-4),
-        Stage("read", 100, {"name": 0.2, "read": 0.4, "locate": 0.4}, marks=(0.35, 0.25), lr=4e-4),
-        Stage(
-            "mixed", 160, {"name": 0.1, "read": 0.3, "locate": 0.35, "read2": 0.25}, long_system=True,
-            marks=(0.25,), lr=4e-4, decay=True,
-        ),
-    )
-    batch_size: int = 32
-    scenes: int = 1600
-    mark_levels: tuple[float, ...] = (0.7, 0.5, 0.35, 0.25)
-    """Mark sizes the scene pool is drawn with (an equal share each); stages pick among them."""
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    text_hidden: int = 256
-    text_layers: int = 4
-    vision_hidden: int = 128
-    vision_depth: int = 4
-    rope_theta: float = 10.0
-    mrope_section: tuple[int, int, int] = (4, 14, 14)
-    name: str = "base"
-    """Names the shipped copy (``weights/tiny-<name>-seed<seed>``) and the cache folder."""
-    parent: BaseRecipe | None = None
-
-    def digest(self) -> str:
-        blob = json.dumps(_digest_view(asdict(self)), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
-    def architecture(self) -> tuple:
-        return (self.text_hidden, self.text_layers, self.vision_hidden, self.vision_depth, self.rope_theta,
-                tuple(self.mrope_section))
-
-    def items_seed(self, seed: int, stage: int | None = None) -> str:
-        """The item stream's seed string (a child recipe's differs from its parent's)."""
-        own = "" if self.parent is None else f":{self.name}"
-        return f"mgpo-base-items:{seed}{own}" + ("" if stage is None else f":stage{stage}")
-
-
-def _digest_view(recipe: dict[str, Any]) -> dict[str, Any]:
-    stages = [{k: v for k, v in st.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]} for st in recipe["stages"]]
-    parent = recipe["parent"] and _digest_view(recipe["parent"])
-    return {**recipe, "stages": stages, "parent": parent}
-
-
-GROUNDING_RECIPE = BaseRecipe(name="ground")
-"""The position-first build (shipped as ``weights/tiny-ground-seed0``): it grounds (locate boxes hold the tag
-0.91 vs 0.09 for a random box) but reads at chance; its colour stages did not learn (docs/REPRODUCTION.md)."""
-
-_COLOUR = {"lr": 4e-4, "vision_lr": 1e-3, "item_mean": True, "keep_vision": 1.0}
-
-READING_RECIPE = BaseRecipe(
-    name="base",
-    parent=GROUNDING_RECIPE,
-    scene=SceneSpec(choices=6, shuffle_choices=False),
-    scenes=800,
-    stages=(
-        # Colours on top of the position circuit (docs/REPRODUCTION.md, sessions 5-6): losses averaged per item
-        # (else the box replies' tokens drown the colour words), the vision side at 2.5x the language model's
-        # rate, and its output on whole scenes held where it was (keep_vision: the circuit reads those features;
-        # without it the colour's onset erased the circuit), the biggest marks alone first.
-        Stage("colour-big", 200, {"name": 0.6, "locate": 0.4}, marks=(0.7,), restart=True, **_COLOUR),
-        Stage("colour-mid", 150, {"name": 0.6, "locate": 0.4}, marks=(0.7, 0.5), **_COLOUR),
-        Stage("colour-small", 150, {"name": 0.5, "read": 0.1, "locate": 0.4}, marks=(0.5, 0.35, 0.25), restart=True,
-              **_COLOUR),
-        Stage("read", 100, {"name": 0.3, "read": 0.3, "locate": 0.4}, marks=(0.35, 0.25), **_COLOUR),
-        # the formats MGPO's turns meet: two pictures (turn 2), long system prompts, a request to box first
-        Stage(
-            "mixed", 150, {"read": 0.25, "name": 0.1, "locate": 0.3, "ask": 0.1, "read2": 0.25},
-            marks=(0.35, 0.25), long_system=True, decay=True, restart=True, **_COLOUR,
-        ),
-    ),
-)
-"""The base MGPO starts from (shipped as ``weights/tiny-base-seed0``): the grounding build, then colours and
-reading on top (fixed-order options: a colour keeps its letter), then the formats MGPO's turns meet."""
-
-_COLD_ASK, _COLD_DIRECT = 0.1, 0.02
-_COLD_REST = 1.0 - _COLD_ASK - _COLD_DIRECT
-
-COLD_RECIPE = BaseRecipe(
-    name="cold",
-    parent=READING_RECIPE,
-    scene=SceneSpec(choices=6, shuffle_choices=False),
-    scenes=400,
-    stages=(
-        # A bare question now usually gets a direct (guessed) answer, as a real VLM gives one, so a question
-        # without options no longer always means "box first": MGPO's request meets a model that boxes only
-        # sometimes (docs/REPRODUCTION.md, the cold start).
-        Stage(
-            "cold", 100,
-            {"read": 0.3 * _COLD_REST, "name": 0.1 * _COLD_REST, "locate": 0.3 * _COLD_REST, "read2": 0.3 * _COLD_REST,
-             "ask": _COLD_ASK, "direct": _COLD_DIRECT},
-            marks=(0.35, 0.25), long_system=True, decay=True, restart=True, **_COLOUR,
-        ),
-    ),
-)
-"""The reading base, then a short stage with bare questions answered directly: the cold start of the paper's
-base model in miniature (shipped as ``weights/tiny-cold-seed0``)."""
-
-DEFAULT_RECIPE = COLD_RECIPE
-"""The base MGPO starts from (``model.tiny: base``)."""
 
 
 def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
@@ -246,41 +73,6 @@ def base_model_config(tokenizer: Any, recipe: BaseRecipe) -> Any:
         "fullatt_block_indexes": list(range(1, recipe.vision_depth, 2)),
     }
     return tiny.model_config(tokenizer, text=text, vision=vision)
-
-
-class ItemEncoder:
-    """Token ids, loss mask and image tensors of pre-training items (the chat layout of the episode builder)."""
-
-    def __init__(self, tokenizer: Any, image_processor: Any, special: Any) -> None:
-        self.tokenizer, self.image_processor, self.special = tokenizer, image_processor, special
-        self._nl = self.text("\n")
-
-    def text(self, s: str) -> list[int]:
-        return list(self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-
-    def encode(self, item: PretrainItem) -> dict[str, Any]:
-        import torch
-
-        from mgpo_core.episodes import encode_image
-
-        s = self.special
-        ims = [encode_image(self.image_processor, im) for im in item.images]
-        ids: list[int] = []
-        if item.system:
-            ids += [s.im_start, *self.text("system\n"), *self.text(item.system), s.im_end, *self._nl]
-        body: list[int] = []
-        for im in ims:
-            body += [s.vision_start] + [s.image_pad] * im.n_tokens + [s.vision_end]
-        body += self.text(item.user_text)
-        ids += [s.im_start, *self.text("user\n"), *body, s.im_end, *self._nl, s.im_start, *self.text("assistant\n")]
-        prompt_len = len(ids)
-        ids += [*self.text(item.reply), s.im_end]
-        return {
-            "ids": torch.tensor(ids),
-            "prompt_len": prompt_len,
-            "pixels": torch.cat([im.pixel_values for im in ims]),
-            "grid": torch.stack([im.grid_thw for im in ims]),
-        }
 
 
 def collate(encoded: Sequence[dict[str, Any]], model: Any, pad_id: int, image_pad: int) -> dict[str, Any]:
@@ -663,76 +455,6 @@ def shipped_base_dir(seed: int = 0, recipe: BaseRecipe | None = None) -> Path | 
 def base_model_for(cache_root: str | Path, seed: int = 0, recipe: BaseRecipe | None = None, **kw: Any) -> Path:
     """The base model for ``seed``: the shipped one when it matches the recipe, else built and cached."""
     return shipped_base_dir(seed, recipe) or base_model_dir(cache_root, seed, recipe, **kw)
-
-
-def _holds(box: Sequence[float], target: Sequence[float]) -> bool:
-    return box[0] <= target[0] and box[1] <= target[1] and target[2] <= box[2] and target[3] <= box[3]
-
-
-def skill_report(
-    model_dir: str | Path,
-    *,
-    scenes: int = 64,
-    seed: int = 12345,
-    spec: SceneSpec | None = None,
-    temperature: float | None = None,
-) -> dict[str, float]:
-    """Measure the base skills with the real HF rollout engine on fresh scenes (greedy unless ``temperature``).
-
-    - ``locate/valid``: share of locate replies that parse to a valid box (the reference parser);
-    - ``locate/contains_target``: share whose box, mapped to the original, holds the whole tag;
-    - ``locate/random_box_contains``: the same for a random 3x3-cell box on the grid (the floor to beat);
-    - ``ask/*``: the same three for a question about the tag with a request (our wording) to box the area first;
-    - ``read/accuracy``: multiple-choice accuracy on a close-up cut from a grid box around the tag (chance 0.25);
-    - ``name/accuracy``: colour named from a close-up (chance 1/6).
-    """
-    from mgpo_core.episodes import PromptTemplates, encode_image
-    from mgpo_core.grounding import GroundingOptions, map_box_to_original, parse_grounding_box
-    from mgpo_core.modeling.loading import load_bundle
-    from mgpo_core.reward import answer_reward
-    from mgpo_core.rollout.base import GenerationRequest, RolloutSettings, SamplingSpec
-    from mgpo_core.rollout.hf import HFRolloutEngine
-
-    spec = spec or DEFAULT_RECIPE.scene
-    bundle = load_bundle(model_dir)
-    templates = PromptTemplates("", "{question}", "{question}{choices}", "{question}{choices}")
-    engine = HFRolloutEngine(
-        bundle.model, bundle.tokenizer, bundle.image_processor, bundle.special, templates, RolloutSettings(), batch_size=32
-    )
-    encoder = ItemEncoder(bundle.tokenizer, bundle.image_processor, bundle.special)
-    rng = random.Random(f"mgpo-base-skills:{seed}")
-    pool = [make_scene(f"mgpo-base-skills:{seed}:{i}", spec) for i in range(scenes)]
-    sampling = SamplingSpec(64, temperature or 1.0, 1.0, greedy=temperature is None, seed=seed)
-    report: dict[str, float] = {}
-    for task in ("locate", "ask", "read", "name"):
-        items = [make_item(task, sc, rng, spec, long_system=True) for sc in pool]
-        reqs = []
-        for it in items:
-            e = encoder.encode(it)
-            ids = e["ids"][: e["prompt_len"]].tolist()
-            ims = [encode_image(bundle.image_processor, im) for im in it.images]
-            reqs.append(GenerationRequest(ids, ims, list(it.images), 64))
-        outs = engine._generate(reqs, sampling, 1)
-        texts = [bundle.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
-        if task in ("locate", "ask"):
-            valid = contains = rand = 0
-            for sc, text in zip(pool, texts, strict=True):
-                w, h = sc.overview.size
-                g = parse_grounding_box(text, w, h, GroundingOptions())
-                if g.valid and g.box is not None:
-                    valid += 1
-                    contains += _holds(map_box_to_original(g.box, (w, h), sc.original_size), sc.tag_box)
-                gx, gy = rng.randrange(0, w // 28 - 2) * 28, rng.randrange(0, h // 28 - 2) * 28
-                rand += _holds(map_box_to_original((gx, gy, gx + 84, gy + 84), (w, h), sc.original_size), sc.tag_box)
-            report.update(
-                {f"{task}/valid": valid / scenes, f"{task}/contains_target": contains / scenes,
-                 f"{task}/random_box_contains": rand / scenes}
-            )
-        elif task == "read":
-            report["read/accuracy"] = sum(answer_reward([t], it.answer) for t, it in zip(texts, items, strict=True)) / scenes
-        else:
-            report["name/accuracy"] = sum(t.strip() == it.reply for t, it in zip(texts, items, strict=True)) / scenes
-    return report
 
 
 def export_shipped(src: str | Path, dst: str | Path) -> Path:

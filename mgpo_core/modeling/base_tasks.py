@@ -41,6 +41,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -352,3 +353,38 @@ def make_item(
         lead = rng.choice(_TWO_IMAGE_LEADS)
         return PretrainItem(task, system, [scene.overview, scene.overview], f"{lead}\n{text}", guess, answer=letter)
     raise ValueError(f"unknown pre-training task {task!r}; use one of {TASKS}")
+
+
+class ItemEncoder:
+    """Token ids, loss mask and image tensors of pre-training items (the chat layout of the episode builder)."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, special: Any) -> None:
+        self.tokenizer, self.image_processor, self.special = tokenizer, image_processor, special
+        self._nl = self.text("\n")
+
+    def text(self, s: str) -> list[int]:
+        return list(self.tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def encode(self, item: PretrainItem) -> dict[str, Any]:
+        import torch
+
+        from mgpo_core.episodes import encode_image
+
+        s = self.special
+        ims = [encode_image(self.image_processor, im) for im in item.images]
+        ids: list[int] = []
+        if item.system:
+            ids += [s.im_start, *self.text("system\n"), *self.text(item.system), s.im_end, *self._nl]
+        body: list[int] = []
+        for im in ims:
+            body += [s.vision_start] + [s.image_pad] * im.n_tokens + [s.vision_end]
+        body += self.text(item.user_text)
+        ids += [s.im_start, *self.text("user\n"), *body, s.im_end, *self._nl, s.im_start, *self.text("assistant\n")]
+        prompt_len = len(ids)
+        ids += [*self.text(item.reply), s.im_end]
+        return {
+            "ids": torch.tensor(ids),
+            "prompt_len": prompt_len,
+            "pixels": torch.cat([im.pixel_values for im in ims]),
+            "grid": torch.stack([im.grid_thw for im in ims]),
+        }

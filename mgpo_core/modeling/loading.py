@@ -147,21 +147,6 @@ def resolve_model_path(
     return _check_local_checkpoint(path)
 
 
-def model_dir_for(cfg: Any) -> Path:
-    """The local checkpoint directory a config's ``model`` section names (building an offline one if needed).
-
-    ``model.path`` set -> that directory; otherwise the offline tiny model ``model.tiny`` (``random`` or the
-    pre-trained ``base``) for ``model.tiny_seed``, cached under ``<state_dir>/models``.
-    """
-    m = cfg.model
-    cache = Path(cfg.state_dir) / "models"
-    if m.path is None and m.tiny == "base":
-        from mgpo_core.modeling.base import base_model_for
-
-        return base_model_for(cache, seed=m.tiny_seed)
-    return resolve_model_path(m.path, cache_root=cache, tiny_seed=m.tiny_seed)
-
-
 def load_tokenizer(path: str | Path) -> Any:
     """The checkpoint's tokenizer (``Qwen2Tokenizer`` for Qwen2.5-VL), offline."""
     from transformers import AutoTokenizer

@@ -7,36 +7,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-from mgpo_core.config import MGPOConfig, load_config
-from mgpo_core.data.schema import Sample
-from mgpo_core.modeling.loading import model_dir_for
-
-
-def _load_split(cfg: MGPOConfig, split: str) -> list[Sample]:
-    """``data.<split>_path`` (a dataset directory with samples.jsonl, or a JSONL file) or the synthetic split."""
-    from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_split_for
-
-    given = cfg.data.train_path if split == "train" else cfg.data.eval_path
-    if given:
-        path = Path(given)
-        if path.is_dir():
-            path = path / "samples.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"data.{split}_path: {path} does not exist; run `mgpo data filter` first")
-        return read_samples_jsonl(path)
-    return read_samples_jsonl(synthetic_split_for(cfg, split))
-
-
-def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
-    """The training split: ``data.train_path`` or the synthetic train split."""
-    return _load_split(cfg, "train")
-
-
-def load_eval_samples(cfg: MGPOConfig) -> list[Sample]:
-    """The evaluation split: ``data.eval_path`` or the synthetic eval split (validation during training)."""
-    return _load_split(cfg, "eval")
+from mgpo_core.config import load_config
+from mgpo_core.data.splits import load_training_samples
+from mgpo_core.modeling.source import model_dir_for
 
 
 def line_atomic_output() -> None:
@@ -67,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args.config, args.overrides)
+    from mgpo_core.training.distributed import init_distributed, rank0_first
     from mgpo_core.training.jit_guard import jit_lock_guard
-    from mgpo_core.training.trainer import MGPOTrainer, init_distributed, rank0_first
+    from mgpo_core.training.trainer import MGPOTrainer
 
     with jit_lock_guard():  # a start killed while loading DeepSpeed's JIT op must not hang the next one
         init_distributed()

@@ -110,7 +110,7 @@ def log_episodes(
         try:
             from mlflow.tracking import MlflowClient
 
-            from mgpo_core.training.tracking import server_reachable
+            from mgpo_core.ops.tracking import server_reachable
 
             if server_reachable(tracking_uri):
                 client = MlflowClient(tracking_uri)

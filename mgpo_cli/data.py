@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from mgpo_cli.common import add_config_args, load_from_args
+
 FORMAT_CHOICES = ("auto", "mgpo", "mme-realworld", "vstar", "vstar-parquet", "hrbench", "jsonl")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
     from mgpo_core.data.synthetic import synthetic_options, write_synthetic_dataset
 
     cfg = load_from_args(args)
@@ -54,7 +55,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
     from mgpo_core.data.readers import DataInputError
     from mgpo_core.data.stage import InputSpec, run_filter_stage
 
@@ -84,7 +84,6 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group to the ``mgpo`` parser."""
-    from mgpo_core.cli import add_config_args
 
     data = subparsers.add_parser("data", help="make the synthetic dataset, filter a dataset")
     sub = data.add_subparsers(dest="data_command", required=True)

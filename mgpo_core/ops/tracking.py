@@ -30,6 +30,11 @@ def resolve_tracking_uri(uri: str | None, state_dir: str | Path) -> str:
     return f"sqlite:///{state / 'mlflow.db'}"
 
 
+def tracking_uri_for(cfg: Any) -> str:
+    """The tracking store a config names: ``tracking.mlflow_tracking_uri``, else ``<state_dir>/mlflow.db``."""
+    return resolve_tracking_uri(cfg.tracking.mlflow_tracking_uri, cfg.state_dir)
+
+
 def artifact_root(state_dir: str | Path, uri: str | None = None) -> str | None:
     """Artifact location of a new experiment: a local folder for local stores; for an HTTP tracking server,
     None (the server's own artifact store, e.g. object storage)."""

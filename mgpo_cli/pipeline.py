@@ -1,8 +1,7 @@
 """``mgpo run``: the whole pipeline on the embedded default (or any preset), with a closing summary.
 
-Lives beside the flows (not in ``mgpo_core``) because it imports Prefect. Prefect's environment is prepared
-before Prefect is imported: the local servers when ``mgpo servers up`` runs them, otherwise the ephemeral API
-with its state under the project's state folder.
+Prefect's environment is prepared before Prefect is imported: the local servers when ``mgpo servers up`` runs
+them, otherwise the ephemeral API with its state under the project's state folder.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from mgpo_cli.common import add_config_args, load_from_args
 from mgpo_core.config import DEFAULT_PRESET
 
 
@@ -27,21 +27,14 @@ def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
     os.environ.setdefault(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300"
     )  # keep the pipeline's log about the pipeline
-    try:
-        from mgpo_core.servers import active_endpoints, apply_prefect_env
-    except ImportError:  # servers module not installed: ephemeral API under the state folder
-        state = Path(state_dir).resolve()
-        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
-        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(state / "prefect" / "storage"))
-        os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-        return None, None
+    from mgpo_core.ops.servers import active_endpoints, apply_prefect_env
+
     apply_prefect_env(state_dir)
     ep = active_endpoints(state_dir)
     return ep.prefect_api_url, ep.mlflow_uri
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
 
     cfg = load_from_args(args)  # validates the preset and overrides before anything starts
     prefect_url, mlflow_url = _prepare_environment(cfg.state_dir)
@@ -132,7 +125,6 @@ def print_summary(
 
 
 def register(sub) -> None:  # noqa: ANN001
-    from mgpo_core.cli import add_config_args
 
     p = sub.add_parser("run", help="run the whole pipeline: filter → train → register → evaluate → promote")
     add_config_args(p)
@@ -151,9 +143,3 @@ def register(sub) -> None:  # noqa: ANN001
         "the rest goes to <state>/logs/<run>/<stage>.log)",
     )
     p.set_defaults(func=cmd_run)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from mgpo_core.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

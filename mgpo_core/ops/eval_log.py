@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mgpo_core.evaluation.runner import EvalResult
+if TYPE_CHECKING:
+    from mgpo_core.evaluation.runner import EvalResult
 
 __all__ = ["log_eval_results", "model_version_eval_tags"]
 

@@ -1,72 +1,13 @@
-"""The ``mgpo`` command line: run the job, inspect the config, build the tiny model, roll out a demo."""
+"""``mgpo demo``: two-turn rollouts of the model on synthetic high-resolution images, printed readably."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-STAGE_CLIS = (
-    "mgpo_core.data.cli",
-    "mgpo_core.modeling.cli",
-    "mgpo_core.training.cli",
-    "mgpo_core.evaluation.cli",
-    "flows.cli",
-    "mgpo_core.servers_cli",
-)
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset",
-        default=None,
-        help="preset name (tiny-base-cpu, the default; tiny-cpu; qwen2.5-vl-7b-8gpu) or a YAML path",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set rollout.n=4 (repeatable; VALUE is parsed as YAML)",
-    )
-
-
-def load_from_args(args: argparse.Namespace):  # noqa: ANN202
-    from mgpo_core.config import load_config
-
-    return load_config(args.preset, args.overrides)
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    from mgpo_core.config import config_hash, describe_config, to_yaml
-
-    if args.action == "describe":
-        print(describe_config())
-        return 0
-    cfg = load_from_args(args)
-    print(
-        config_hash(cfg) if args.action == "hash" else to_yaml(cfg), end="\n" if args.action == "hash" else ""
-    )
-    return 0
-
-
-def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from mgpo_core.modeling.tiny import build_tiny_model
-
-    path = build_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
-    print(path)
-    return 0
+from mgpo_cli.common import add_config_args, load_from_args
 
 
 def _print_episode(i: int, ep) -> None:  # noqa: ANN001
@@ -96,7 +37,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mgpo_core.algorithms import LossCoefficients, grpo_advantages, mgpo_loss
     from mgpo_core.data.synthetic import iter_synthetic_samples, synthetic_options
     from mgpo_core.logprobs import collate_episodes, token_logprobs
-    from mgpo_core.modeling.loading import load_bundle, model_dir_for
+    from mgpo_core.modeling.loading import load_bundle
+    from mgpo_core.modeling.source import model_dir_for
     from mgpo_core.rollout.hf import HFRolloutEngine
     from mgpo_core.training.metrics import logprob_gap
 
@@ -143,49 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mgpo", description="MGPO pipeline for Qwen2.5-VL")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("demo", help="two-turn rollout of the model on synthetic images, printed readably")
     add_config_args(p)
     p.add_argument("--prompts", type=int, default=2, help="number of synthetic prompts")
     p.add_argument("--n", type=int, default=2, help="rollouts per prompt")
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("config", help="show the resolved config, its hash, or the config reference")
-    p.add_argument("action", choices=["show", "hash", "describe"])
-    add_config_args(p)
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_build_tiny)
-
-    # Stage command groups live beside their stage (``register(subparsers)`` in each module's cli.py).
-    import importlib
-    import importlib.util
-
-    for mod in STAGE_CLIS:
-        parent = mod.rpartition(".")[0]
-        if importlib.util.find_spec(parent) is not None and importlib.util.find_spec(mod) is not None:
-            importlib.import_module(mod).register(sub)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
-    from mgpo_core.config import ConfigError
-
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"mgpo: configuration error:\n{e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

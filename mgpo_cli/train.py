@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from mgpo_cli.common import add_config_args, load_from_args
+
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
     from mgpo_core.training.launch import TrainingFailed, launch_training
 
     cfg = load_from_args(args)
@@ -24,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from mgpo_core.training.tracking import replay_pending
+    from mgpo_core.ops.tracking import replay_pending
 
     n = replay_pending(args.run_dir, args.tracking_uri, args.run_id)
     print(f"delivered {n} pending metric records to run {args.run_id}")
@@ -32,7 +33,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from mgpo_core.cli import add_config_args
 
     p = sub.add_parser("train", help="run MGPO training (DeepSpeed process group); rerun to resume")
     add_config_args(p)

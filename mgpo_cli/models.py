@@ -1,4 +1,5 @@
-"""``mgpo build-base``: pre-train the tiny base model (or reuse the cached/shipped one) and report its skills."""
+"""``mgpo build-tiny`` (the tiny random model) and ``mgpo build-base`` (pre-train the tiny base model, or reuse the
+cached or shipped one, and report its skills)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import shutil
 import time
 from pathlib import Path
 
+from mgpo_cli.common import add_config_args, load_from_args
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from mgpo_core.modeling.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(path)
+    return 0
+
 
 def cmd_build_base(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
-    from mgpo_core.modeling import base
+    from mgpo_core.modeling import base, base_skills
 
     cfg = load_from_args(args)
     seed = cfg.model.tiny_seed if args.seed is None else args.seed
@@ -32,14 +42,19 @@ def cmd_build_base(args: argparse.Namespace) -> int:
     print(f"base model {out}")
     print(f"  built in {note['build_seconds']:.0f} s ({note['parameters'] / 1e6:.2f} M parameters); this call {took:.0f} s")
     if args.skills or args.ship:
-        skills = note.get("skills") or base.skill_report(out)
+        skills = note.get("skills") or base_skills.skill_report(out)
         for k, v in sorted(skills.items()):
             print(f"  {k:28s} {v:.3f}")
     return 0
 
 
 def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from mgpo_core.cli import add_config_args
+    p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_build_tiny)
+
 
     p = sub.add_parser(
         "build-base",

@@ -1,13 +1,13 @@
 """The benchmark registry: a benchmark is a small `BenchmarkSpec` of pure functions (read, prompt convention,
 answer extraction, labels, aggregation) registered once by name; duplicates are refused.
 
-Adding a benchmark = writing one spec (see `benchmarks.py`) and calling `register_benchmark(spec)`. The runner
+Adding a benchmark = writing one spec (see `benchmarks.py`) and calling `register_benchmark(spec)`; lookups
+(`get_benchmark`, `available_benchmarks`) live in `benchmarks.py`, above the built-ins they must see. The runner
 is generic: it reads the samples, applies the prompt convention, rolls out, extracts, labels and aggregates.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -25,8 +25,6 @@ __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",
     "ReadContext",
-    "available_benchmarks",
-    "get_benchmark",
     "plain_question",
     "register_benchmark",
     "sample_attr",
@@ -95,30 +93,6 @@ def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
         )
     BENCHMARKS[spec.name] = spec
     return spec
-
-
-def _load_builtins() -> None:
-    # Importing the module registers the built-in specs (once: Python caches the module).
-    import mgpo_core.evaluation.benchmarks  # noqa: F401
-
-
-def available_benchmarks() -> list[str]:
-    """Names of every registered benchmark, sorted."""
-    _load_builtins()
-    return sorted(BENCHMARKS)
-
-
-def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec registered as ``name``; an unknown name raises KeyError listing the names (and a near one)."""
-    _load_builtins()
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(BENCHMARKS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise KeyError(
-            f"unknown benchmark {name!r}; {hint}registered benchmarks: {sorted(BENCHMARKS)}"
-        ) from None
 
 
 # -------------------------------------------------------------------------------- prompt conventions

@@ -16,85 +16,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mgpo_cli.common import add_config_args, load_from_args
+
 if TYPE_CHECKING:
-    from mgpo_core.config import MGPOConfig
-    from mgpo_core.rollout.base import RolloutEngine
+    pass
 
-__all__ = ["build_engine", "cmd_eval", "default_tracking_uri", "register"]
-
-
-def default_tracking_uri(cfg: MGPOConfig) -> str:
-    """``tracking.mlflow_tracking_uri``, else the local SQLite store ``<state_dir>/mlflow.db`` (as training
-    uses)."""
-    if cfg.tracking.mlflow_tracking_uri:
-        return cfg.tracking.mlflow_tracking_uri
-    state = Path(cfg.state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{state / 'mlflow.db'}"
-
-
-def build_engine(cfg: MGPOConfig, name: str | None = None) -> RolloutEngine:
-    """A rollout engine for ``cfg.model`` by registry name (``hf``, ``vllm``, ``auto``; default
-    ``rollout.engine``). The HF engine runs on CUDA when available, else CPU."""
-    import torch
-
-    from mgpo_core.episodes import PromptTemplates
-    from mgpo_core.modeling.loading import load_bundle, model_dir_for
-    from mgpo_core.rollout import ENGINES, RolloutSettings, resolve_engine_name
-
-    engine = resolve_engine_name(name or cfg.rollout.engine)
-    path = model_dir_for(cfg)
-    if engine == "hf":
-        bundle = load_bundle(
-            path,
-            dtype=cfg.model.dtype,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            attn_implementation=cfg.model.attn_implementation,
-        )
-        return ENGINES["hf"](
-            model=bundle.model,
-            tokenizer=bundle.tokenizer,
-            image_processor=bundle.image_processor,
-            special=bundle.special,
-            templates=PromptTemplates.from_config(cfg.rollout),
-            settings=RolloutSettings.from_config(cfg),
-            batch_size=cfg.evaluation.batch_size,
-        )
-    # Other engines (vLLM) load the weights themselves from the directory: only the text/image pieces here.
-    from transformers import AutoConfig
-
-    from mgpo_core.evaluation.direct import model_max_pixels
-    from mgpo_core.imaging import overview_area_bound
-    from mgpo_core.modeling.loading import (
-        load_image_processor,
-        load_tokenizer,
-        model_vocab_size,
-        special_tokens_from,
-    )
-
-    tokenizer = load_tokenizer(path)
-    image_processor = load_image_processor(path)
-    rows = model_vocab_size(AutoConfig.from_pretrained(path, local_files_only=True))
-    # vLLM re-applies smart_resize with these bounds; it is the identity on our 28-multiple images as long as
-    # the upper bound also admits the direct mode's full-resolution image, not only the MGPO overview.
-    direct = cfg.evaluation.direct_max_pixels or model_max_pixels(image_processor)
-    return ENGINES[engine](
-        model_dir=path,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        special=special_tokens_from(tokenizer, rows),
-        cfg=cfg,
-        mm_processor_kwargs={
-            "min_pixels": 28 * 28,
-            "max_pixels": overview_area_bound(max(cfg.rollout.max_pixels, direct)),
-        },
-    )
+__all__ = ["cmd_eval", "register"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mgpo_core.cli import load_from_args
-    from mgpo_core.evaluation.registry import get_benchmark
+    from mgpo_core.evaluation.benchmarks import get_benchmark
     from mgpo_core.evaluation.runner import evaluate
+    from mgpo_core.rollout.factory import build_rollout_engine
 
     cfg = load_from_args(args)
     names = args.benchmark or list(cfg.evaluation.benchmarks)
@@ -141,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.out
         else Path(cfg.state_dir) / "eval" / f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    engine = build_engine(cfg, args.engine)
+    engine = build_rollout_engine(cfg, args.engine)
     results = []
     try:
         for spec in specs:
@@ -168,10 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "metrics": {k: v for r in results for k, v in r.prefixed().items()},
     }
     if not args.no_mlflow:
-        from mgpo_core.evaluation.mlflow_log import log_eval_results
+        from mgpo_core.ops.eval_log import log_eval_results
+        from mgpo_core.ops.tracking import artifact_root, tracking_uri_for
 
-        uri = args.tracking_uri or default_tracking_uri(cfg)
-        from mgpo_core.training.tracking import artifact_root
+        uri = args.tracking_uri or tracking_uri_for(cfg)
 
         report["mlflow_run_id"] = log_eval_results(
             results,
@@ -190,7 +123,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` command to the ``mgpo`` command line."""
-    from mgpo_core.cli import add_config_args
 
     p = subparsers.add_parser("eval", help="evaluate a model on benchmarks (MGPO two-turn or direct)")
     p.add_argument(

@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from mgpo_core.servers import (
+from mgpo_cli.common import add_config_args
+from mgpo_core.ops.servers import (
     DEFAULT_PORTS,
     SERVER_NAMES,
     ServersError,
@@ -305,7 +306,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mgpo_core.cli import add_config_args
 
     p = sub.add_parser(
         "servers", help="start/stop/inspect local Prefect and MLflow servers (state under the state dir)"

@@ -1,0 +1,56 @@
+"""One plain process or one rank of a ``deepspeed``/``torchrun`` group: rank and world from the environment,
+rank-0-first sections, and a scalar all-reduce."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def init_distributed() -> DistInfo:
+    """Join the launcher's process group, or make a one-process group for plain ``python``."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    )
+
+
+def rank0_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 first (it may build or download-free prepare shared files), then on the others."""
+    dist = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if dist and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return fn()
+    out = fn()
+    if dist:
+        torch.distributed.barrier()
+    return out
+
+
+def all_reduce_sum(x: float, device: torch.device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return float(t.item())
