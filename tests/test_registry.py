@@ -92,3 +92,14 @@ def test_registered_model_loads_and_answers(tiny_dir, store, synthetic_samples):
     s = synthetic_samples[0]
     out = model.predict([{"image_path": s.image_path, "question": s.question, "choices": list(s.choices)}])
     assert len(out) == 1 and (out[0] is None or out[0] in "ABCDEFGH")
+
+
+def test_versions_registered_before_the_ops_package_still_unpickle() -> None:
+    """Their pyfunc pickle names ``mgpo_core.registry.HFCheckpointModel``: that path must still resolve."""
+    import pickle
+
+    from mgpo_core.ops.registry import HFCheckpointModel
+
+    old = pickle.dumps(HFCheckpointModel(), protocol=0).replace(b"mgpo_core.ops.registry", b"mgpo_core.registry")
+    assert b"cmgpo_core.registry\nHFCheckpointModel" in old
+    assert type(pickle.loads(old)) is HFCheckpointModel

@@ -1,1 +1,2 @@
-"""MGPO training on DeepSpeed: the RL loop, exact-resume checkpoints, resilient MLflow metrics."""
+"""MGPO training on DeepSpeed: the RL loop (`trainer`), one PPO update (`update`), exact-resume checkpoints,
+the launched process group (`launch`, `entry`) and checkpoint selection."""
