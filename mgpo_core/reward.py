@@ -90,11 +90,11 @@ def answer_reward(model_turns: str | Sequence[str], ground_truth: str) -> float:
 def episode_answer_reward(turn2_text: str, ground_truth: str, *, turn2_ran: bool = True) -> float:
     r"""The MGPO reward of a two-turn episode: ``answer_reward`` of turn 2's text alone.
 
-    The answer is what turn 2 — the turn that saw the enlarged crop — puts in ``oxed{}``. A ``oxed{}`` in
+    The answer is what turn 2 — the turn that saw the enlarged crop — puts in ``\boxed{}``. A ``\boxed{}`` in
     turn 1 (the grounding turn, which was asked for coordinates only) never earns the reward, also not when
     turn 2 wrote no box or never ran because the response budget was spent (``turn2_ran=False``: reward 0).
     This is what the reference's scoring amounts to: it scores the whole response string, in which the inserted
-    turn-2 prompt's empty ``oxed{}`` comes after anything turn 1 wrote. A turn 2 cut by its length cap is
+    turn-2 prompt's empty ``\boxed{}`` comes after anything turn 1 wrote. A turn 2 cut by its length cap is
     scored on what it wrote (a complete box before the cut counts).
     """
     return answer_reward(turn2_text if turn2_ran else "", ground_truth)

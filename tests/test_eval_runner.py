@@ -7,6 +7,7 @@ import base64
 import io
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from PIL import Image
 from mgpo_core.data.schema import LETTERS, Sample
 from mgpo_core.episodes import PromptTemplates
 from mgpo_core.evaluation.direct import model_max_pixels
+from mgpo_core.evaluation.benchmarks import get_benchmark
 from mgpo_core.evaluation.runner import evaluate
+from mgpo_core.evaluation.spec import ReadContext
 from mgpo_core.evaluation.visualize import GT_COLOUR, PRED_COLOUR
 from mgpo_core.grounding import box_iou, map_box_to_model
 from mgpo_core.imaging import overview_size
@@ -112,8 +115,11 @@ def test_mgpo_eval_records_boxes_crops_predictions_and_exact_metrics(
     assert result.n == 3
     m = result.metrics
     assert m["overall"] == pytest.approx(1 / 3)
-    assert m["answered_ratio"] == pytest.approx(2 / 3)
-    assert m["extraction/boxed"] == m["extraction/answer_is"] == m["extraction/none"] == pytest.approx(1 / 3)
+    assert m["answered_ratio"] == pytest.approx(1 / 3)  # one final turn holds a readable box
+    assert m["answer/boxed"] == pytest.approx(1 / 3) and m["answer/no_box"] == pytest.approx(2 / 3)
+    assert m["lenient_overall"] == pytest.approx(1 / 3)  # the lenient reader finds the wrong "answer is"
+    lenient = ("boxed", "answer_is", "none")
+    assert all(m[f"lenient/extraction/{r}"] == pytest.approx(1 / 3) for r in lenient)
     assert m["grounding/valid_box_ratio"] == pytest.approx(2 / 3)
     assert m["grounding/crop_contains_gt"] == pytest.approx(1 / 3)
     expected_iou = box_iou(tuple(round(v) for v in hit), gt_model)
@@ -130,8 +136,9 @@ def test_mgpo_eval_records_boxes_crops_predictions_and_exact_metrics(
     gx1, gy1, gx2, gy2 = samples[0].gt_boxes[0]
     assert x1 <= gx1 and y1 <= gy1 and x2 >= gx2 and y2 >= gy2 and first["crop_contains_gt"]
     assert first["output"][1] == rf"\boxed{{{samples[0].answer}}}" and first["reward"] == 1.0
-    assert second["box_reason"] == "no_json" and second["crop_box"] is None and second["prediction"] == wrong
-    assert not second["correct"] and second["extraction_rule"] == "answer_is"
+    assert second["box_reason"] == "no_json" and second["crop_box"] is None
+    assert not second["correct"] and second["answer_rule"] == "no_box" and second["prediction"] is None
+    assert second["lenient_prediction"] == wrong and second["lenient_rule"] == "answer_is"
     assert third["box_valid"] and third["iou"] == 0.0 and third["crop_contains_gt"] is False
     assert third["prediction"] is None and not third["correct"]
     # two images per episode: overview + crop (or the overview again)
@@ -143,6 +150,40 @@ def test_mgpo_eval_records_boxes_crops_predictions_and_exact_metrics(
     assert summary["counts"]["labels"]["category"] == {
         c: sum(s.category == c for s in samples) for c in {s.category for s in samples}
     }
+
+
+def test_scores_use_the_reward_rule_on_the_final_turn_and_lenient_is_a_diagnostic(
+    tiny_bundle, eval_cfg, synthetic_samples, tmp_path
+) -> None:
+    """Hand-written two-turn outputs, one per case the lenient reader credits and the reward does not."""
+    s = synthetic_samples[0]
+    ans = s.answer
+    wrong = LETTERS[(LETTERS.index(ans) + 1) % len(s.choices)]
+    cases = [  # (name, turn 1, turn 2, strict rule, right by the rule, right by the lenient reader)
+        ("turn1_box_only", rf"\boxed{{{ans}}}", "I think it is that one.", "no_box", False, True),
+        ("empty_final_turn", rf"\boxed{{{ans}}}", "", "no_box", False, True),
+        ("option_text_only", "no box", s.choices[LETTERS.index(ans)], "no_box", False, True),
+        ("answer_is_only", "no box", f"The answer is {ans}", "no_box", False, True),
+        ("two_boxes_last_right", "no box", rf"\boxed{{{wrong}}}, no: \boxed{{{ans}}}", "boxed", True, True),
+        ("two_boxes_last_wrong", "no box", rf"\boxed{{{ans}}}, no: \boxed{{{wrong}}}", "boxed", False, False),
+        ("empty_box_last", "no box", rf"\boxed{{{ans}}} then \boxed{{}}", "boxed_unreadable", False, False),
+    ]
+    samples = [replace(s, id=name) for name, *_ in cases]
+    engine = ReplyEngine(
+        tiny_bundle, eval_cfg, first=[c[1] for c in cases], second=[c[2] for c in cases]
+    )
+    result = evaluate(eval_cfg, "synthetic", engine, tmp_path, samples=samples, progress=False)
+    records = {r["id"]: r for r in map(json.loads, result.records_path.read_text().splitlines())}
+    for name, _, _, rule, right, lenient_right in cases:
+        rec = records[name]
+        assert (rec["answer_rule"], rec["correct"], rec["lenient_correct"]) == (rule, right, lenient_right), name
+        assert rec["reward"] == float(right), name  # the score IS the reward
+        assert rec["prediction"] == (ans if right else wrong if rule == "boxed" else None), name
+    m = result.metrics
+    assert m["overall"] == pytest.approx(1 / 7)
+    assert m["lenient_overall"] == pytest.approx(5 / 7)
+    assert m["answered_ratio"] == pytest.approx(2 / 7) and m["answer/boxed_unreadable"] == pytest.approx(1 / 7)
+    assert result.prefixed()["eval/synthetic/overall"] == m["overall"]  # what promotion reads
 
 
 def test_picture_draws_the_predicted_crop_and_the_ground_truth(
@@ -270,7 +311,7 @@ def test_hrbench_tsv_is_scored_by_cycle_groups_through_the_readers(tiny_bundle, 
     cfg.state_dir = str(tmp_path / "state")
     tsv = _hrbench_tsv(tmp_path / "hr_bench_8k.tsv")
     # right on cycle 0 (both), wrong on the single question of cycle 1, right on its cross question
-    engine = ReplyEngine(tiny_bundle, cfg, first=["A", "A", "C", "D"])
+    engine = ReplyEngine(tiny_bundle, cfg, first=[rf"\boxed{{{x}}}" for x in "AACD"])
     result = evaluate(
         cfg, "hrbench_8k", engine, tmp_path / "out", mode="direct", data_path=tsv, progress=False
     )
@@ -303,7 +344,7 @@ def test_mme_realworld_json_is_scored_per_task_and_subtask(tiny_bundle, eval_cfg
     ]
     data = tmp_path / "MME-RealWorld-Lite.json"
     data.write_text(json.dumps(items))
-    engine = ReplyEngine(tiny_bundle, eval_cfg, first=["A", "A", "The answer is C"])
+    engine = ReplyEngine(tiny_bundle, eval_cfg, first=[r"\boxed{A}", r"\boxed{A}", r"so \boxed{(C)}"])
     result = evaluate(
         eval_cfg,
         "mme_realworld_lite",
@@ -337,15 +378,23 @@ def test_vstar_folder_is_scored_per_category_with_ground_truth_boxes(tiny_bundle
                 }
             )
         )
-    engine = ReplyEngine(tiny_bundle, eval_cfg, first=["red", "up"])  # option text answers the first one
+    # The reader shuffles V*'s options (the first is the right one): learn where "red" went from the reader.
+    spec = get_benchmark("vstar")
+    first = spec.read(ReadContext(root, tmp_path / "read", eval_cfg))
+    red = LETTERS[first[0].choices.index("red")]
+    # direct_attributes: boxed right letter; relative_position: the right option's text, unboxed
+    engine = ReplyEngine(tiny_bundle, eval_cfg, first=[rf"\boxed{{{red}}}", "left"])
     result = evaluate(
         eval_cfg, "vstar", engine, tmp_path / "out", mode="direct", data_path=root, progress=False
     )
     records = [json.loads(line) for line in result.records_path.read_text().splitlines()]
     assert records[0]["gt_boxes"] == [[100.0, 100.0, 130.0, 120.0]]
+    assert records[0]["answer"] == red and records[0]["correct"]
     assert result.metrics["direct_attributes"] == 1.0
-    assert result.metrics["relative_position"] == 0.0
+    assert result.metrics["relative_position"] == 0.0  # option text is not the answer rule
+    assert records[1]["lenient_correct"] and records[1]["lenient_rule"] == "option_text"
     assert result.metrics["overall"] == pytest.approx(1 / 2)
+    assert result.metrics["lenient_overall"] == 1.0
 
 
 def test_unknown_benchmark_lists_the_registered_names(tiny_bundle, eval_cfg, tmp_path) -> None:

@@ -1,7 +1,16 @@
-r"""Answer extraction for evaluation: read the chosen letter out of free model text with a documented, tested
-precedence, or say why none could be read (never guess).
+r"""Answer extraction for evaluation: the SCORE's rule (:func:`strict_answer`) and a lenient diagnostic
+(:func:`extract_answer`).
 
-Precedence (first rule that yields a letter wins; only letters of the question's own choices count):
+The score (METHOD.md §1.7, DESIGN.md decision 13) uses the training reward's rule and nothing else: the letter in
+the last complete ``\boxed{}`` of the FINAL assistant turn (:func:`mgpo_core.reward.answer_reward` of that turn).
+A box in an earlier turn, option text or "the answer is B" never earns a point, so benchmark numbers compare
+with the paper's and a weak model is not credited for answers the reward would reject.
+
+The lenient extraction below stays as a diagnostic (metric ``lenient_overall``, per-record ``lenient_*``
+fields): how many answers a looser reader would have accepted, i.e. how often the model answered but not in the
+format it was trained on. It is never a score or a promotion metric.
+
+Lenient precedence (first rule that yields a letter wins; only letters of the question's own choices count):
 
 1. ``boxed``        the content of the LAST complete ``\boxed{...}`` (the training reward's rule),
                     searched from the last assistant turn backwards; read as a letter (``C``, ``(c)``,
@@ -33,9 +42,20 @@ from dataclasses import dataclass
 
 from mgpo_core.reward import last_boxed, normalize_choice
 
-__all__ = ["EXTRACTION_RULES", "Extraction", "extract_answer", "normalize_option_text"]
+__all__ = [
+    "EXTRACTION_RULES",
+    "STRICT_RULES",
+    "Extraction",
+    "extract_answer",
+    "normalize_option_text",
+    "strict_answer",
+]
 
-#: Every ``Extraction.rule``, in precedence order, then the two outcomes without a letter.
+#: Outcomes of :func:`strict_answer`: a letter read from the final turn's last box, a last box whose content is
+#: not one of the question's letters, or no complete box in the final turn.
+STRICT_RULES = ("boxed", "boxed_unreadable", "no_box")
+
+#: Every lenient ``Extraction.rule``, in precedence order, then the two outcomes without a letter.
 EXTRACTION_RULES = (
     "boxed",
     "boxed_text",
@@ -85,6 +105,36 @@ def normalize_option_text(text: str) -> str:
 
 def _letter(match: re.Match[str]) -> str:
     return next(g for g in match.groups() if g is not None).upper()
+
+
+def strict_answer(final_turn: str, choices: Sequence[str]) -> Extraction:
+    r"""The letter the SCORE credits: the last complete ``\boxed{}`` of ``final_turn`` read as a choice letter.
+
+    This is the reward's rule (:func:`mgpo_core.reward.answer_reward` on the final turn alone): a prediction
+    is right iff ``answer_reward(final_turn, answer) == 1.0``. Pass only the model's final assistant turn
+    (turn 2 of an MGPO episode, the one reply of the direct mode), never the inserted turn-2 prompt (its own
+    empty ``\boxed{}``) nor turn 1. The rule is ``boxed``, ``boxed_unreadable`` (the last box holds no letter
+    of these choices: ``\boxed{}``, ``\boxed{red}``, ``\boxed{F}`` of four) or ``no_box``.
+
+    >>> strict_answer(r"It is red: \boxed{(b)}", ["blue", "red"]).letter
+    'B'
+    >>> strict_answer("The answer is B", ["blue", "red"]).rule
+    'no_box'
+    >>> strict_answer(r"\boxed{A} no, \boxed{red}", ["blue", "red"]).rule
+    'boxed_unreadable'
+    """
+    if not choices:
+        raise ValueError("strict_answer needs the question's choices (got none); pass Sample.choices")
+    if not isinstance(final_turn, str):
+        got = type(final_turn).__name__
+        raise TypeError(f"strict_answer expects the final assistant turn as a str, got {got}")
+    content = last_boxed(final_turn)
+    if content is None:
+        return Extraction(None, "no_box")
+    letter = normalize_choice(content)
+    if letter is None or letter not in string.ascii_uppercase[: len(choices)]:
+        return Extraction(None, "boxed_unreadable", content)
+    return Extraction(letter, "boxed", content)
 
 
 def _from_boxed(turns: Sequence[str], letters: str, options: Sequence[str]) -> Extraction | None:

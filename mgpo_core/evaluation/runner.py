@@ -2,6 +2,11 @@
 out greedily in MGPO two-turn or direct single-turn mode and writes per-sample JSONL, a summary JSON and a
 picture; it returns an `EvalResult` whose metrics the caller logs (see `mgpo_core.ops.eval_log`).
 
+Scores use ONE answer rule, the training reward's (METHOD.md §1.7): a question is right iff the last complete
+``\\boxed{}`` of the FINAL assistant turn names its letter (`extract.strict_answer`). ``overall`` and every
+per-label score of the benchmark's own aggregation come from that; ``lenient_overall`` (the same aggregation
+over the lenient extraction, `extract.extract_answer`) and the per-record ``lenient_*`` fields are diagnostics.
+
 Files in ``out_dir``: ``samples.jsonl`` (one record per question, written batch by batch), ``summary.json``
 (metrics, counts, timings, settings) and ``picture.png`` (the first questions with predicted crop and ground
 truth drawn). ``limit`` keeps a deterministic subsample: questions are ordered by sha256(seed:id) and the
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 from mgpo_core.data.schema import Sample
 from mgpo_core.evaluation.benchmarks import get_benchmark
 from mgpo_core.evaluation.direct import DirectPrompt, generate_direct
+from mgpo_core.evaluation.extract import strict_answer
 from mgpo_core.evaluation.grounding_metrics import GroundingOutcome, aggregate_grounding, grounding_outcome
 from mgpo_core.evaluation.scoring import Outcome, group_counts
 from mgpo_core.evaluation.spec import BenchmarkSpec, ReadContext
@@ -111,9 +117,21 @@ def _eval_settings(engine: RolloutEngine, samples: Sequence[Sample], max_new: in
     return replace(st, max_new_tokens_turn1=max_new, max_new_tokens_turn2=max_new, max_response_tokens=cap)
 
 
-def _base_record(spec: BenchmarkSpec, sample: Sample, mode: str, turns: list[str]) -> dict[str, Any]:
-    ext = spec.extract(turns, sample.choices)
-    letter = ext.letter
+def _base_record(
+    spec: BenchmarkSpec, sample: Sample, mode: str, turns: list[str], final_turn: str
+) -> dict[str, Any]:
+    """The record fields every mode shares. ``correct`` / ``prediction`` / ``reward`` follow the one answer
+    rule (the reward's: last ``\\boxed{}`` of ``final_turn``); the ``lenient_*`` fields are the diagnostic
+    extraction over all of ``turns`` (``spec.extract``), never the score."""
+    strict = strict_answer(final_turn, sample.choices)
+    reward = answer_reward(final_turn, sample.answer)
+    if (reward == 1.0) != (strict.letter == sample.answer):  # one rule, two readings: they must agree
+        raise RuntimeError(f"{sample.id}: strict answer {strict} disagrees with the reward {reward} (a bug)")
+    lenient = spec.extract(turns, sample.choices)
+
+    def text(letter: str | None) -> str | None:
+        return None if letter is None else sample.choices[ord(letter) - ord("A")]
+
     return {
         "id": sample.id,
         "benchmark": spec.name,
@@ -124,12 +142,16 @@ def _base_record(spec: BenchmarkSpec, sample: Sample, mode: str, turns: list[str
         "labels": dict(spec.labels(sample)),
         "image_path": sample.image_path,
         "output": turns,
-        "prediction": letter,
-        "prediction_text": None if letter is None else sample.choices[ord(letter) - ord("A")],
-        "extraction_rule": ext.rule,
-        "extraction_span": ext.span,
-        "correct": letter == sample.answer,
-        "reward": answer_reward(turns, sample.answer),
+        "prediction": strict.letter,
+        "prediction_text": text(strict.letter),
+        "answer_rule": strict.rule,
+        "answer_span": strict.span,
+        "correct": strict.letter == sample.answer,
+        "reward": reward,
+        "lenient_prediction": lenient.letter,
+        "lenient_rule": lenient.rule,
+        "lenient_span": lenient.span,
+        "lenient_correct": lenient.letter == sample.answer,
         "gt_boxes": [list(b) for b in sample.gt_boxes],
     }
 
@@ -148,7 +170,9 @@ def _mgpo_records(
     for ep in sorted(episodes, key=lambda e: e.group):
         g = ep.grounding
         go = grounding_outcome(g, ep.crop_box, ep.sample.gt_boxes, ep.overview_size, ep.original_size)
-        rec = _base_record(spec, ep.sample, "mgpo", [ep.turn1_text, ep.turn2_text])
+        # The final turn is turn 2; a turn 2 that never ran (budget spent) answered nothing, as in training.
+        final = ep.turn2_text if ep.turn2_answered else ""
+        rec = _base_record(spec, ep.sample, "mgpo", [ep.turn1_text, ep.turn2_text], final)
         rec.update(
             original_size=list(ep.original_size),
             overview_size=list(ep.overview_size),
@@ -187,7 +211,7 @@ def _direct_records(
     )
     out = []
     for o in outputs:
-        rec = _base_record(spec, o.sample, "direct", [o.text])
+        rec = _base_record(spec, o.sample, "direct", [o.text], o.text)
         rec.update(
             original_size=list(o.original_size),
             image_size=list(o.image_size),
@@ -268,9 +292,11 @@ def evaluate(
     records_path = out / "samples.jsonl"
     tmp = records_path.with_name(f".{records_path.name}.tmp{os.getpid()}")
     outcomes: list[Outcome] = []
+    lenient: list[Outcome] = []
     grounding: list[GroundingOutcome] = []
     pictures: list[PictureItem] = []
     rules: Counter[str] = Counter()
+    lenient_rules: Counter[str] = Counter()
     visual, generated = [], []
     t_gen = 0.0
     n_batches = (len(chosen) + ev.batch_size - 1) // ev.batch_size
@@ -289,7 +315,9 @@ def evaluate(
                 for rec, go in rows:
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     outcomes.append(Outcome(rec["correct"], rec["labels"], rec["id"]))
-                    rules[rec["extraction_rule"]] += 1
+                    lenient.append(Outcome(rec["lenient_correct"], rec["labels"], rec["id"]))
+                    rules[rec["answer_rule"]] += 1
+                    lenient_rules[rec["lenient_rule"]] += 1
                     visual.append(rec["visual_tokens"])
                     generated.append(rec["generated_tokens"])
                     if go is not None:
@@ -306,8 +334,11 @@ def evaluate(
     n = len(outcomes)
     metrics = dict(spec.aggregate(outcomes))
     metrics.update(aggregate_grounding(grounding))
-    metrics["answered_ratio"] = sum(c for r, c in rules.items() if r not in ("none", "ambiguous")) / n
-    metrics.update({f"extraction/{r}": c / n for r, c in sorted(rules.items())})
+    metrics["answered_ratio"] = rules["boxed"] / n
+    metrics.update({f"answer/{r}": c / n for r, c in sorted(rules.items())})
+    # Diagnostic only: what a looser reader would credit (never a score, never the promotion metric).
+    metrics["lenient_overall"] = spec.aggregate(lenient)["overall"]
+    metrics.update({f"lenient/extraction/{r}": c / n for r, c in sorted(lenient_rules.items())})
     metrics["cost/visual_tokens_mean"] = sum(visual) / n
     metrics["cost/generated_tokens_mean"] = sum(generated) / n
     metrics["timing/generate_s"] = t_gen
