@@ -16,8 +16,8 @@ from PIL import Image
 
 from mgpo_core.data.schema import LETTERS, Sample
 from mgpo_core.episodes import PromptTemplates
-from mgpo_core.evaluation.direct import model_max_pixels
 from mgpo_core.evaluation.benchmarks import get_benchmark
+from mgpo_core.evaluation.direct import model_max_pixels
 from mgpo_core.evaluation.runner import evaluate
 from mgpo_core.evaluation.spec import ReadContext
 from mgpo_core.evaluation.visualize import GT_COLOUR, PRED_COLOUR
