@@ -142,17 +142,20 @@ MULTI = ["deepspeed.launcher=deepspeed", "deepspeed.hostfile=/etc/mgpo/hostfile"
 def test_launch_command_hands_the_multinode_settings_to_deepspeeds_runner(tmp_path):
     from deepspeed.launcher.runner import parse_args
 
-    cfg = load_config("tiny-cpu", [*MULTI, "deepspeed.ssh_port=2222", "deepspeed.master_addr=10.0.0.1",
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the cluster\nnode-0 slots=8\n\nnode-1 slots=8\n")
+    multi = ["deepspeed.launcher=deepspeed", f"deepspeed.hostfile={hostfile}"]
+    cfg = load_config("tiny-cpu", [*multi, "deepspeed.ssh_port=2222", "deepspeed.master_addr=10.0.0.1",
                                    "deepspeed.master_port=29600"])  # fmt: skip
     cmd = launch_command(cfg, tmp_path / "c.yaml", tmp_path, None)
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
     a = parse_args(cmd[3:])  # DeepSpeed's own parser reads what we pass
     assert (a.hostfile, a.ssh_port, a.master_addr, a.master_port, a.num_gpus) == (
-        "/etc/mgpo/hostfile", 2222, "10.0.0.1", 29600, 1,
+        str(hostfile), 2222, "10.0.0.1", 29600, 1,
     )  # fmt: skip
     assert a.module and a.user_script == "mgpo_core.training.entry"
     assert a.user_args[:2] == ["--config", str(tmp_path / "c.yaml")]
-    plain = launch_command(load_config("tiny-cpu", MULTI), tmp_path / "c.yaml", tmp_path, None)
+    plain = launch_command(load_config("tiny-cpu", multi), tmp_path / "c.yaml", tmp_path, None)
     assert not {"--ssh_port", "--master_addr", "--master_port"} & set(plain), "unset: DeepSpeed's defaults"
 
 

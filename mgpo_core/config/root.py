@@ -11,6 +11,7 @@ from mgpo_core.config.errors import _FieldProblem, _register_tree
 from mgpo_core.config.evaluation import EvaluationConfig
 from mgpo_core.config.model import ModelConfig
 from mgpo_core.config.rollout import GroundingConfig, RolloutConfig
+from mgpo_core.config.safety import check_safe_values
 from mgpo_core.config.tracking import TrackingConfig
 from mgpo_core.config.training import CheckpointConfig, DeepSpeedConfig, OptimizerConfig
 
@@ -21,9 +22,11 @@ class MGPOConfig(_Section):
     preset: str | None = None
     """Preset name or YAML path the config was loaded from (informational)."""
     run_name: str = "mgpo"
-    """Human-readable run name (MLflow run name, run-directory prefix)."""
+    """Human-readable run name (MLflow run name, run-directory prefix): letters, digits, '.', '_', '-' only, since
+    it becomes a folder name and reaches the multi-node launch command (config/safety.py)."""
     state_dir: str = ".mgpo"
-    """Local state folder: run directories, checkpoints, the MLflow store, Prefect results."""
+    """Local state folder: run directories, checkpoints, the MLflow store, Prefect results. A path by design (any
+    folder the operator names), written without shell characters (config/safety.py)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Policy model."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -55,6 +58,7 @@ class MGPOConfig(_Section):
                                 "functions, which 'eager' is not", self.model.attn_implementation,
                                 "set model.attn_implementation=sdpa, or algorithm.shared_prompt=false",
                                 "model.attn_implementation")
+        check_safe_values(self)
         return self
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -175,6 +177,8 @@ def launch_command(cfg: MGPOConfig, config_path: Path, run_dir: Path, mlflow_run
         ]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(d.num_gpus)]
     if d.hostfile:
+        if check_hostfile(Path(d.hostfile)) > 1:  # one host: DeepSpeed starts it locally, without pdsh or a shell
+            entry = remote_arguments(entry)
         cmd += ["--hostfile", d.hostfile]
     if d.ssh_port is not None:
         cmd += ["--ssh_port", str(d.ssh_port)]
@@ -183,6 +187,54 @@ def launch_command(cfg: MGPOConfig, config_path: Path, run_dir: Path, mlflow_run
     if d.master_port is not None:
         cmd += ["--master_port", str(d.master_port)]
     return [*cmd, "--module", "mgpo_core.training.entry", *entry]
+
+
+class UnsafeLaunch(ValueError):
+    """A multi-node launch whose arguments or hosts a remote shell would misread; the message names the fix."""
+
+
+_PLAIN_ARG = re.compile(r"[\w./@%+=:,-]+")
+
+
+def remote_arguments(args: list[str]) -> list[str]:
+    """``args`` as they must be handed to DeepSpeed's pdsh runner, which joins them into ONE command line for each
+    host's login shell and quotes only arguments holding a space (and then in double quotes, inside which ``$(..)``
+    and backticks still run). Config-time checks (config/safety.py) already keep shell characters out of the run
+    name and the state folder; here every argument is ``shlex.quote``-d as a second wall, and whitespace or control
+    characters (which the runner's own quoting would corrupt) are refused."""
+    out = []
+    for arg in args:
+        if not arg or any(c.isspace() or not c.isprintable() for c in arg):
+            raise UnsafeLaunch(
+                f"multi-node launch argument {arg!r} holds whitespace or control characters, which DeepSpeed's "
+                "pdsh runner cannot pass to the remote shell intact; use a state_dir (and run directory) whose "
+                "absolute path has no spaces"
+            )
+        out.append(arg if _PLAIN_ARG.fullmatch(arg) else shlex.quote(arg))
+    return out
+
+
+_HOST_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s+slots=(\d+)")
+
+
+def check_hostfile(path: Path) -> int:
+    """The number of hosts in ``path``; refuses a hostfile whose host names pdsh/ssh could read as options or a shell
+    could interpret (a host such as ``-oProxyCommand=...``). Blank and ``#`` lines are skipped as DeepSpeed skips
+    them."""
+    hosts = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise UnsafeLaunch(f"deepspeed.hostfile {path}: cannot read it ({err.strerror}); check the path") from None
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if text and not _HOST_LINE.fullmatch(text):
+            raise UnsafeLaunch(
+                f"deepspeed.hostfile {path}:{n}: {line.strip()!r} is not '<host> slots=<n>' with a plain host name "
+                "(letters, digits, '.', '_', '-', not starting with '-'); fix that line"
+            )
+        hosts += bool(text)
+    return hosts
 
 
 # What the ranks on the hostfile's hosts need from the launching node's environment. DeepSpeed itself forwards
@@ -211,6 +263,8 @@ FORWARDED_ENV = (
     "VLLM_CPU_OMP_THREADS_BIND",
 )
 FORWARDED_PREFIXES = ("MGPO_", "NCCL_")
+NEVER_FORWARDED = ("MGPO_FAULT", "MGPO_HANG", "MGPO_STAGE_HOOKS")
+"""Test-only switches (the crash and stage hooks of tests/): a remote rank never gets them, whatever the prefix."""
 
 
 def _env_file_lines(path: Path) -> list[str]:
@@ -234,7 +288,7 @@ def write_deepspeed_env(cfg: MGPOConfig, run_dir: Path, env: dict[str, str]) -> 
     lines: list[str] = []
     skipped: list[str] = []
     wanted = [*FORWARDED_ENV, *cfg.deepspeed.env_forward]
-    names = [n for n in env if n in wanted or n.startswith(FORWARDED_PREFIXES)]
+    names = [n for n in env if (n in wanted or n.startswith(FORWARDED_PREFIXES)) and n not in NEVER_FORWARDED]
     for name in sorted(set(names)):
         value = env[name]
         if any(c in value for c in '"`$\\\n'):
@@ -246,7 +300,11 @@ def write_deepspeed_env(cfg: MGPOConfig, run_dir: Path, env: dict[str, str]) -> 
         lines += _env_file_lines(own)
     path = run_dir / "deepspeed_env"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
+    tmp.unlink(missing_ok=True)
+    # 0600 from creation: forwarded values (and the user's own env file's lines) may include credentials.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{line}\n" for line in lines))
     tmp.replace(path)
     if skipped:
         with (run_dir / "train.log").open("a") as log:
