@@ -58,20 +58,23 @@ def test_position_ids_are_3d_mrope_over_both_images(tiny_bundle, episodes):
 
 
 def test_loss_gradient_is_zero_at_masked_positions_and_nonzero_at_generated(tiny_bundle, episodes):
+    """The loss masks by itself: every term gets UNMASKED full-sequence inputs (log-probs of every token, a reference
+    that differs everywhere, entropies everywhere), so only ``mgpo_loss``'s own use of ``loss_mask`` can keep the
+    prompt, the inserted user turn, the image tokens and the padding out of the gradient."""
+    from mgpo_core.logprobs import entropy_from_logits, forward_hidden
+
     m = tiny_bundle.model
     batch = collate_episodes(episodes, m, tiny_bundle.special.pad)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])  # fixed so every group has non-zero advantages
     adv = grpo_advantages(rewards, torch.tensor([e.group for e in episodes]))
-    from mgpo_core.logprobs import forward_hidden
-
-    hidden = forward_hidden(m, batch)
-    logits = m.lm_head(hidden)
+    logits = m.lm_head(forward_hidden(m, batch))
     logits.retain_grad()
-    logp = logprobs_from_logits(logits, batch.input_ids) * batch.loss_mask
+    logp = logprobs_from_logits(logits, batch.input_ids)  # every position, masked or not
+    assert (logp[batch.loss_mask == 0] != 0).any(), "the inputs must carry values where the mask is 0"
     old = logp.detach() - 0.01  # ratio ≠ 1 but inside the clip range
-    loss, _ = mgpo_loss(
-        logp, old, logp.detach(), adv, batch.loss_mask, None, LossCoefficients(entropy_coef=0.0)
-    )
+    ref = logp.detach() + 0.05  # a KL term with a non-zero gradient at every position
+    coefs = LossCoefficients(kl_coef=0.1, entropy_coef=0.01)
+    loss, _ = mgpo_loss(logp, old, ref, adv, batch.loss_mask, entropy_from_logits(logits), coefs)
     loss.backward()
     g = logits.grad.abs().sum(-1)  # (B, L): grad at position t drives the log-prob of token t+1
     target_mask = batch.loss_mask[:, 1:].bool()
