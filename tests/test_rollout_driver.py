@@ -77,9 +77,34 @@ def test_text_after_the_json_block_is_cut_and_im_end_forced(tiny_bundle, tiny_cf
     assert "keeps talking" not in ep.turn1_text
     t1 = ep.input_ids[ep.turn_index == TURN1_TOKEN]
     assert int(t1[-1]) == sp.im_end
-    # The forced <|im_end|> is trained but has no rollout log-prob.
+    # The forced <|im_end|> is part of the assistant turn (the MGPO mask) but was never sampled: no rollout
+    # log-prob, and marked forced.
     last = int(torch.nonzero(ep.turn_index == TURN1_TOKEN).max())
-    assert ep.loss_mask[last] == 1 and torch.isnan(ep.rollout_logprobs[last])
+    assert ep.loss_mask[last] == 1 and torch.isnan(ep.rollout_logprobs[last]) and bool(ep.forced[last])
+
+
+@pytest.mark.parametrize("train_forced", [None, False, True], ids=["default", "false", "true"])
+def test_forced_im_end_enters_the_trainers_loss_only_with_train_forced_tokens(
+    tiny_bundle, tiny_cfg, synthetic_samples, train_forced
+):
+    """What the trainer's batch trains, per ``algorithm.train_forced_tokens``: the default (false) keeps the forced
+    ``<|im_end|>`` as context; true trains it like a sampled token. Every sampled token is trained either way."""
+    from mgpo_core.config import load_config
+    from mgpo_core.training.update import UpdateSettings
+
+    sp = tiny_bundle.special
+    reply = box_reply(10, 10, 200, 150, tail="\nand then the model keeps talking about unrelated things")
+    (ep,) = ScriptedEngine(tiny_bundle, tiny_cfg, [reply], "\\boxed{B}").generate_episodes(
+        [synthetic_samples[0]], n=1
+    )
+    sets = [] if train_forced is None else [f"algorithm.train_forced_tokens={str(train_forced).lower()}"]
+    settings = UpdateSettings.from_config(load_config("tiny-cpu", sets), sp)
+    trained = settings.collate([ep], tiny_bundle.model, torch.device("cpu"), torch.float32).loss_mask[0]
+    last = int(torch.nonzero(ep.turn_index == TURN1_TOKEN).max())
+    assert int(ep.input_ids[last]) == sp.im_end and bool(ep.forced[last])
+    assert trained[last] == (1 if train_forced else 0)
+    sampled = ep.loss_mask.bool() & ~ep.forced
+    assert sampled.sum() > 2 and (trained[sampled] == 1).all() and (trained[~ep.loss_mask.bool()] == 0).all()
 
 
 def test_turn1_cut_by_length_gets_a_forced_end_and_turn2_still_happens(
