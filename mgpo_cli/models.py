@@ -15,7 +15,20 @@ from mgpo_cli.common import add_config_args, load_from_args
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     from mgpo_core.modeling.tiny import build_tiny_model
 
-    path = build_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"build-tiny: {out} is not empty; pass --overwrite to replace it or choose an empty directory")
+        return 2
+    if args.like:
+        from mgpo_core.modeling.base import base_model_for
+        from mgpo_core.modeling.like import build_like
+
+        source = Path(args.source) if args.source else base_model_for(Path(".mgpo") / "models", seed=args.seed)
+        path = build_like(out, source, like=args.like)
+        shards = len(list(path.glob("model-*.safetensors")))
+        print(f"{path}  (laid out like {args.like}: {shards} shards + index, weights from {source.name})")
+        return 0
+    path = build_tiny_model(out, seed=args.seed, overwrite=args.overwrite)
     print(path)
     return 0
 
@@ -53,6 +66,11 @@ def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--like", choices=["qwen2.5-vl-7b"], default=None,
+                   help="lay the directory out as the published checkpoint: sharded weights + index, the real "
+                        "vocabulary (152,064 rows), its generation defaults and processor limits")
+    p.add_argument("--from", dest="source", default=None,
+                   help="with --like: the small checkpoint whose weights it carries (default: the shipped tiny base)")
     p.set_defaults(func=cmd_build_tiny)
 
 
