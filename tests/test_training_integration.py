@@ -243,6 +243,8 @@ def test_a_stalled_run_is_ended_and_fails_naming_the_phase(tmp_path, monkeypatch
     from tasks.retry import classify
 
     monkeypatch.setenv("MGPO_HANG", "rollout:2")
+    hooks = str(Path(__file__).parent / "fault_hooks")  # the crash hooks are a test-only sitecustomize
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
     cfg = load_config(
         "tiny-cpu",
         [

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
+FAULT_HOOKS = Path(__file__).parent / "fault_hooks"
 
 FAST = [
     "algorithm.total_steps=4",
@@ -71,7 +72,9 @@ def _env(fault: str | None = None) -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env.pop("MGPO_FAULT", None)
     if fault:
+        # The crash hooks live in tests/fault_hooks (a sitecustomize), not in the trainer: put them on the path.
         env["MGPO_FAULT"] = fault
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_HOOKS), env.get("PYTHONPATH")]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env

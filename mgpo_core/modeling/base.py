@@ -301,7 +301,7 @@ def pretrain_base(
         if start_stage:
             if snap is None:
                 raise ValueError("pretrain_base: start_stage needs the snapshots folder of an earlier build")
-            model.load_state_dict(torch.load(snap / f"stage-{start_stage - 1}.pt"))
+            model.load_state_dict(torch.load(snap / f"stage-{start_stage - 1}.pt", weights_only=True))
             step = sum(s.steps for s in recipe.stages[:start_stage])
             bar.update(step)
         for si, stage in enumerate(recipe.stages):

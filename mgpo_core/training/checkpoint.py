@@ -39,32 +39,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers only, so that it loads with
+    ``torch.load(weights_only=True)``: a checkpoint on shared storage must not be able to run code when read."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+POINT_HOOKS: list[Any] = []
+"""Callables ``hook(name, step)`` run at each named point of a step and a checkpoint. Production registers none
+and reads no environment here; the crash tests add theirs from tests/fault_hooks/ (see its sitecustomize.py)."""
+
+
 def fault_point(name: str, step: int) -> None:
-    """Crash-test hooks: ``MGPO_FAULT=<name>:<step>`` kills this process with SIGKILL at that point;
-    ``MGPO_HANG=<name>:<step>`` makes it hang there forever (as a hung collective would)."""
-    if os.environ.get("MGPO_HANG") == f"{name}:{step}":
-        import time
-
-        while True:
-            time.sleep(3600)
-    if os.environ.get("MGPO_FAULT") == f"{name}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A named point (``rollout``, ``step-done``, ``checkpoint-written``/``-renamed``/``-done``) where the tests'
+    crash hooks may act; a no-op unless a test registered a hook in ``POINT_HOOKS``."""
+    for hook in POINT_HOOKS:
+        hook(name, step)
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -134,6 +142,18 @@ def prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def read_rng_state(rng_file: Path) -> dict[str, Any]:
+    """A rank's saved RNG state, read with ``weights_only=True`` (tensors and plain values; a pickle is refused)."""
+    try:
+        return torch.load(rng_file, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unpickling refusal has several exception types
+        raise RuntimeError(
+            f"{rng_file} cannot be read as plain tensors ({type(err).__name__}): it was written by an older "
+            "version (a pickle, refused since it could run code) or altered; start a new run directory or "
+            "delete this checkpoint"
+        ) from None
+
+
 def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine (model, optimizer, scheduler), this rank's RNG, and return the trainer state."""
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
@@ -145,7 +165,7 @@ def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:
             f"{rng_file} is missing: the checkpoint was written by a different number of ranks; "
             "resume with the same world size"
         )
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(read_rng_state(rng_file))
     return json.loads((path / "trainer_state.json").read_text())
 
 

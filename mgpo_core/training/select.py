@@ -57,7 +57,8 @@ def checkpoint_state_dict(path: Path) -> dict[str, Any]:
         files = sorted(path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise RuntimeError(f"{path} holds no DeepSpeed model states ({e})") from e
-        return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        # weights_only: tensors and plain containers only, never a pickle that could run code (shared storage).
+        return torch.load(files[0], map_location="cpu", weights_only=True)["module"]
 
 
 def export_checkpoint(base_dir: Path, path: Path, out: Path, prompts_from: Path | None) -> Path:
