@@ -5,13 +5,22 @@ index (``mm_token_type_ids`` is passed — without it ``generate`` silently fall
 train/rollout mismatch). Ids outside the text vocabulary (``<|image_pad|>`` & co.) are suppressed. The reported
 log-probs are those of the distribution sampled from (temperature, suppression and top-p applied). Sampling uses
 a forked RNG so rollouts never disturb the trainer's random state (exact resume depends on it).
+
+No sampling default comes from the checkpoint. ``generate`` fills every setting the caller leaves unset from the
+model's ``generation_config.json`` — and Qwen2.5-VL Instruct ships repetition_penalty 1.05, temperature 0.1,
+top_p 0.001, top_k 1, which would make the sampled tokens come from another distribution than softmax(logits/T)
+(the trainer's log-probs) and penalise "greedy" evaluation. So each call gets a complete `GenerationConfig` built
+from our settings only (:func:`generation_config_for`), and the model's own config is swapped for that same
+object for the duration of the call, so the merge inside ``generate`` has nothing of the checkpoint's to add.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+from transformers import GenerationConfig
 
 from mgpo_core.episodes import PromptTemplates
 from mgpo_core.modeling.loading import SpecialTokens
@@ -22,6 +31,62 @@ from mgpo_core.rollout.base import (
     RolloutSettings,
     SamplingSpec,
 )
+
+#: Neutral values of every logits processor ``generate`` could otherwise take from a checkpoint's
+#: ``generation_config.json`` (a None there means "unset", which ``generate`` fills from the model).
+NEUTRAL_GENERATION = dict(
+    num_beams=1,
+    num_return_sequences=1,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    length_penalty=1.0,
+    min_length=0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+)
+
+
+def generation_config_for(
+    spec: SamplingSpec, *, max_new_tokens: int, eos_id: int, pad_id: int, suppress: Sequence[int]
+) -> GenerationConfig:
+    """The whole generation config of one call, from our settings only (never the checkpoint's).
+
+    Greedy: ``do_sample=False`` (argmax of the processed logits: only ``suppress`` applies). Sampling:
+    temperature and top-p from ``spec``, top-k off (0), nothing else; the reported log-probs are then
+    log softmax(logits / T) over the ids that can be sampled, what the trainer recomputes.
+    """
+    sampling = (
+        dict(do_sample=False)
+        if spec.greedy
+        else dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+    )
+    return GenerationConfig(
+        **NEUTRAL_GENERATION,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        suppress_tokens=list(suppress),
+        return_dict_in_generate=True,
+        output_scores=True,
+        use_cache=True,
+    )
+
+
+@contextmanager
+def _generation_config_swapped(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """``model.generation_config`` is ``config`` inside the block, the model's own again after it."""
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -112,23 +177,16 @@ class HFRolloutEngine(RolloutEngine):
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             mm_token_type_ids=(ids == sp.image_pad).to(torch.int32).to(device),
-            max_new_tokens=max_new,
-            eos_token_id=sp.im_end,
-            pad_token_id=sp.pad,
-            suppress_tokens=self._suppress,
-            return_dict_in_generate=True,
-            output_scores=True,
-            use_cache=True,
         )
         if images:
             dtype = next(self.model.parameters()).dtype
             kwargs["pixel_values"] = torch.cat([im.pixel_values for im in images]).to(device, dtype)
             kwargs["image_grid_thw"] = torch.stack([im.grid_thw for im in images]).to(device)
-        if spec.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
-        out = self.model.generate(**kwargs)
+        config = generation_config_for(
+            spec, max_new_tokens=max_new, eos_id=sp.im_end, pad_id=sp.pad, suppress=self._suppress
+        )
+        with _generation_config_swapped(self.model, config):
+            out = self.model.generate(**kwargs, generation_config=config)
         new = out.sequences[:, width:].cpu()
         # Log-probs of the distribution each token was drawn from: the processed scores (suppressed ids at -inf,
         # divided by the temperature, top-p applied), normalised. With top_p = 1 this is exactly what the trainer

@@ -150,6 +150,10 @@ def build_llm_kwargs(
         # Report the log-prob of each sampled token under the distribution it was drawn from (temperature,
         # logit bias, top-p applied), the one the trainer recomputes; "raw_logprobs" ignores the temperature.
         logprobs_mode="processed_logprobs",
+        # Never take sampling defaults from the checkpoint's generation_config.json (Qwen2.5-VL Instruct ships
+        # repetition_penalty 1.05, temperature 0.1, top_p 0.001, top_k 1): "vllm" = vLLM's neutral defaults, and
+        # every SamplingParams we pass sets each field anyway (_sampling_params).
+        generation_config="vllm",
     )
     if on_cpu:
         # sleep mode needs CUDA's memory pool; on CPU vLLM would only warn on every call
@@ -427,6 +431,12 @@ class VLLMRolloutEngine(RolloutEngine):
             n=n,
             temperature=0.0 if spec.greedy else spec.temperature,
             top_p=1.0 if spec.greedy else spec.top_p,
+            # Explicit neutral values: the sampled distribution is softmax(logits / T) (top-p aside), nothing else.
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
             max_tokens=max_new_tokens,
             # Stop at <|im_end|> only, like the HF engine: ignore_eos keeps the tokenizer's / generation
             # config's other EOS ids (<|endoftext|> for real Qwen checkpoints) from ending a turn early.
@@ -499,7 +509,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 "vLLM sleep skipped (%s)", "CPU build" if self.on_cpu else "rollout.enable_sleep_mode is off"
             )
             return
-        if not self._asleep:
+        if True:
             self.llm.sleep(level=self.options.sleep_level)
             self._asleep = True
 
