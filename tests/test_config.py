@@ -387,11 +387,11 @@ def test_hash_ignores_tracking_names_and_locations() -> None:
 
 @pytest.mark.parametrize("preset", ["tiny-cpu", PAPER])
 def test_yaml_round_trip_gives_an_equal_config(preset: str, tmp_path: Path, model_dir_env: Path) -> None:
-    cfg = load_config(preset, overrides=["run_name='costs $${HOME} and: colons'"])
+    cfg = load_config(preset, overrides=["rollout.choices_header='costs $${HOME} and: colons'"])
     path = save_config(cfg, tmp_path / "sub" / "saved.yaml")
     again = load_config(path)
     assert again == cfg
-    assert again.run_name == "costs ${HOME} and: colons"
+    assert again.rollout.choices_header == "costs ${HOME} and: colons"
     assert to_yaml(again) == path.read_text(encoding="utf-8")
 
 
@@ -443,8 +443,8 @@ def test_override_replaces_an_unset_env_var(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_env_fallback_and_escape(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MGPO_TEST_UNSET", raising=False)
-    cfg = load_config(overrides=["data.root=${MGPO_TEST_UNSET:-/srv/data}", "run_name=$${MGPO_TEST_UNSET}"])
-    assert cfg.data.root == "/srv/data" and cfg.run_name == "${MGPO_TEST_UNSET}"
+    cfg = load_config(overrides=["data.root=${MGPO_TEST_UNSET:-/srv/data}", "rollout.choices_header=$${MGPO_TEST_UNSET}"])
+    assert cfg.data.root == "/srv/data" and cfg.rollout.choices_header == "${MGPO_TEST_UNSET}"
 
 
 def test_non_mapping_yaml_is_rejected(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from mgpo_core.data.rows import (
     RowError,
     answer_letter,
     check_choices,
+    contained,
     image_ref,
     iter_lines,
     make_sample,
@@ -75,7 +76,7 @@ def read_mme_realworld_rows(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         }
         return make_sample(
             id=f"mme-realworld/{text_field(item, 'Question_id', lim)}",
-            image_path=image_ref(item.get("Image"), base, ctx.cache, "Image"),
+            image_path=image_ref(item.get("Image"), base, ctx.cache, "Image", ctx.image_roots),
             question=text_field(item, "Text", lim),
             choices=choices,
             answer=answer_letter(item.get("Ground truth"), choices, "Ground truth"),
@@ -134,7 +135,7 @@ def read_vstar_folder(folder: Path, ctx: ReadContext) -> Iterator[DataRow]:
         )
         return make_sample(
             id=f"vstar/{category}/{name}",
-            image_path=str(image),
+            image_path=contained(image, ctx.image_roots),
             question=text_field(item, "question", lim),
             choices=tuple(shuffled),
             answer=answer,
@@ -183,7 +184,7 @@ def read_vstar_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         shuffled, answer = _shuffled(options, LETTERS.index(label), f"qid/{qid}", ctx)
         return make_sample(
             id=f"vstar/{qid}",
-            image_path=image_ref(row.get("image"), base, ctx.cache),
+            image_path=image_ref(row.get("image"), base, ctx.cache, roots=ctx.image_roots),
             question=question or text,
             choices=tuple(shuffled),
             answer=answer,

@@ -36,7 +36,7 @@ def read_canonical_jsonl(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         choices = check_choices(required(row, "choices"), lim)
         return make_sample(
             id=text_field(row, "id", lim),
-            image_path=image_ref(row.get("image_path"), base, ctx.cache, "image_path"),
+            image_path=image_ref(row.get("image_path"), base, ctx.cache, "image_path", ctx.image_roots),
             question=text_field(row, "question", lim),
             choices=choices,
             answer=answer_letter(row.get("answer"), choices),
@@ -135,7 +135,7 @@ def read_mgpo_table(path: Path, ctx: ReadContext) -> Iterator[DataRow]:
         source = text_field(row, "data_source", lim, required=False)
         return make_sample(
             id=str(rid) if rid is not None else f"{path.stem}-{loc.rsplit(':', 1)[-1].rsplit('=', 1)[-1]}",
-            image_path=image_ref(image, base, ctx.cache),
+            image_path=image_ref(image, base, ctx.cache, roots=ctx.image_roots),
             question=question,
             choices=choices,
             answer=answer_letter(_ground_truth(row), choices, "reward_model.ground_truth"),

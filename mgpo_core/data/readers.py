@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mgpo_core.data.benchmark_formats import (
@@ -37,6 +37,7 @@ __all__ = [
     "ReadContext",
     "ReadLimits",
     "detect_format",
+    "input_folder",
     "read_hrbench",
     "read_mme_realworld",
     "read_rows",
@@ -108,6 +109,13 @@ def resolve_format(path: str | Path, fmt: str = "auto") -> str:
     return fmt
 
 
+def input_folder(path: str | Path) -> Path:
+    """The folder an input's relative image paths live in by default: the input itself when it is a folder (V*),
+    else the folder holding the file."""
+    p = Path(path)
+    return (p if p.is_dir() else p.parent).resolve()
+
+
 def read_rows(path: str | Path, fmt: str = "auto", *, ctx: ReadContext) -> Iterator[DataRow]:
     """Every row of ``path`` as a DataRow, in file order. Raises only DataInputError (nothing to read), and
     that before the first row."""
@@ -135,13 +143,19 @@ def read_samples(
     image_dir: str | Path | None = None,
     seed: int = 0,
     limits: ReadLimits | None = None,
+    image_roots: Sequence[str | Path] | None = None,
 ) -> list[Sample]:
     """The samples of ``path`` without the filter stage; dropped rows are logged (counts and first reasons).
 
     ``image_dir`` receives embedded images (default ``.mgpo/data/image-cache``); ``seed`` keys V*'s option
-    shuffle. Use the filter stage (``run_filter_stage``) where every row must be accounted for in a report.
+    shuffle. Image paths must stay inside ``image_roots`` (default: the input's folder; the cache is always
+    allowed); rows escaping them are dropped as ``path_outside_root``. Use the filter stage
+    (``run_filter_stage``) where every row must be accounted for in a report.
     """
-    ctx = ReadContext(ImageCache(image_dir or DEFAULT_IMAGE_CACHE), limits or ReadLimits(), shuffle_seed=seed)
+    cache = ImageCache(image_dir or DEFAULT_IMAGE_CACHE)
+    roots = image_roots if image_roots is not None else [input_folder(path)]
+    ctx = ReadContext(cache, limits or ReadLimits(), shuffle_seed=seed,
+                      image_roots=(*(Path(r).resolve() for r in roots), cache.root))  # fmt: skip
     samples, drops = [], []
     for row in read_rows(path, fmt, ctx=ctx):
         if row.sample is not None:

@@ -32,6 +32,7 @@ READER_REASONS = (
     "bad_box",  # a ground-truth box that is not 4 numbers with positive width and height
     "image_undecodable",  # an embedded image that is not valid base64 / bytes
     "bad_image_ref",  # an HR-Bench image reference to a row that holds no image
+    "path_outside_root",  # an image path resolving (symlinks followed) outside the reader's image roots
     "special_token_in_text",  # chat-control text such as <|im_end|>: it would break the two-turn prompt
     "bad_row",  # anything else a row can do wrong (the detail names the exception)
 )
@@ -299,9 +300,29 @@ class ImageCache:
         return self.store(data)
 
 
-def image_ref(value: Any, base: Path, cache: ImageCache, name: str = "image") -> str:
-    """A row's image as a path string: a path (relative to ``base``), raw bytes, or a ``{"bytes", "path"}``
-    struct as Hugging Face datasets store images (embedded bytes go to ``cache``)."""
+def contained(path: Path, roots: Sequence[Path] | None, name: str = "image") -> str:
+    """``path`` as a string when it resolves (symlinks followed) inside one of ``roots`` (resolved folders); a
+    ``path_outside_root`` RowError otherwise, so a data row cannot make a reader open ``/etc/shadow`` or
+    ``../../secret.png``. ``roots=None`` checks nothing (the filter stage checks after reading, against
+    ``data.root``, and counts the escapes in its report)."""
+    if roots is None:
+        return str(path)
+    real = path.resolve()
+    if any(real.is_relative_to(r) for r in roots):
+        return str(path)
+    raise RowError(
+        "path_outside_root",
+        f"{name!r} resolves to {real}, outside the image root(s) {[str(r) for r in roots]}; move the image under "
+        "a root, or name its folder with data.root (training data) or evaluation.image_roots.<benchmark>",
+    )
+
+
+def image_ref(
+    value: Any, base: Path, cache: ImageCache, name: str = "image", roots: Sequence[Path] | None = None
+) -> str:
+    """A row's image as a path string: a path (relative to ``base``; it must stay inside ``roots``, see
+    ``contained``), raw bytes, or a ``{"bytes", "path"}`` struct as Hugging Face datasets store images
+    (embedded bytes go to ``cache``, which is always allowed)."""
     if isinstance(value, list | tuple):
         if len(value) != 1:
             raise RowError(
@@ -326,4 +347,4 @@ def image_ref(value: Any, base: Path, cache: ImageCache, name: str = "image") ->
     if "\x00" in value:
         raise RowError("bad_field_type", f"{name!r} path contains a NUL character")
     path = Path(value.strip()).expanduser()
-    return str(path if path.is_absolute() else base / path)
+    return contained(path if path.is_absolute() else base / path, roots, name)

@@ -24,6 +24,8 @@ class ReadContext:
     shuffle_seed: int = 0
     shuffle_options: bool = True
     image_base: Path | None = None
+    image_roots: tuple[Path, ...] | None = None
+    """Resolved folders every image path must stay inside (``rows.contained``); None checks nothing at read time."""
 
 
 def bad_row(loc: str, reason: str, detail: str, raw: Any = None) -> RawRow:

@@ -68,6 +68,7 @@ def read_with_data_readers(ctx: ReadContext, fmt: str, image_base: str | None = 
         shuffle_seed=cfg.data.shuffle_seed,
         shuffle_options=True,
         image_base=Path(image_base) if image_base else None,
+        image_roots=_image_roots(ctx.path, image_base, cfg.data.root, cache),
     )
     samples, drops = [], Counter()
     for row in read_rows(ctx.path, fmt, ctx=rows_ctx):
@@ -79,6 +80,18 @@ def read_with_data_readers(ctx: ReadContext, fmt: str, image_base: str | None = 
     if drops:
         log.warning("%s: %d rows dropped by the reader: %s", ctx.path, sum(drops.values()), dict(drops))
     return samples
+
+
+def _image_roots(path: Path, image_base: str | None, data_root: str | None, cache: str) -> tuple[Path, ...]:
+    """Where a benchmark's images may be opened: its image root (``evaluation.image_roots.<name>``) or else the
+    data file's folder, ``data.root`` when set, and the embedded-image cache. A row whose image path resolves
+    elsewhere (``../``, an absolute path, a symlink out) is dropped as ``path_outside_root`` and counted."""
+    from mgpo_core.data.readers import input_folder
+
+    roots = [Path(image_base).resolve() if image_base else input_folder(path), Path(cache).resolve()]
+    if data_root:
+        roots.append(Path(data_root).resolve())
+    return tuple(roots)
 
 
 # -------------------------------------------------------------------------------- V*
