@@ -509,7 +509,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 "vLLM sleep skipped (%s)", "CPU build" if self.on_cpu else "rollout.enable_sleep_mode is off"
             )
             return
-        if True:
+        if not self._asleep:
             self.llm.sleep(level=self.options.sleep_level)
             self._asleep = True
 
