@@ -88,12 +88,13 @@ def filter_task(
 
     ``inputs_fingerprint`` (sizes and mtimes of the input files) is only there for the cache key.
     """
-    from mgpo_core.data.stage import run_filter_stage
+    from mgpo_core.data.stage import require_training_inputs, run_filter_stage
 
     log = get_run_logger()
     cfg = load_cfg(preset, overrides)
     state = Path(cfg.state_dir)
     eval_path = cfg.data.eval_path
+    require_training_inputs(cfg, inputs)  # a real model never trains on the synthetic set by accident
     if not inputs:
         d = cfg.data
         train, ev = _synthetic_split(cfg, "train", log), _synthetic_split(cfg, "eval", log)

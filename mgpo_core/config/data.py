@@ -38,6 +38,10 @@ class DataFilterConfig(_Section):
     dedupe_key: Literal["image+question", "image+question+choices"] = "image+question"
     """What makes two rows duplicates; "image+question+choices" keeps HR-Bench's option cycles (same question,
     choices in another order) apart."""
+    eval_overlap: bool = True
+    """Drop rows whose image (same content, sha256) — with any question — belongs to a configured evaluation
+    benchmark whose data is given (`evaluation.benchmarks` + `evaluation.data_paths` or `data.eval_path`); reason
+    `eval_overlap`, counted per benchmark in the report. Evaluation data must never be trained on."""
     path_containment: bool = True
     """Drop rows whose image path resolves (symlinks followed) outside the data root (`data.root`, else the
     input's own folder) and the image cache."""
@@ -79,6 +83,10 @@ class DataConfig(_Section):
     """Training manifest (JSONL) written by the filter stage; None uses the synthetic training set."""
     eval_path: str | None = None
     """Evaluation manifest; None uses the synthetic evaluation set."""
+    allow_synthetic: bool = False
+    """With a real model (`model.path` set) and no training inputs, train on the synthetic set anyway. Off, such a
+    run refuses to start (a 7B run on the 64-image toy set is a mistake, not a result): give the training data
+    with `mgpo run --input <MME-RealWorld JSON>` or set this to true when the synthetic set is what you mean."""
     root: str | None = None
     """Data root: every image path must resolve inside it (paths escaping it are dropped with a reason)."""
     image_root: str | None = None

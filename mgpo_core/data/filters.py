@@ -40,6 +40,7 @@ FILTER_REASONS = (
     "image_too_small",
     "image_too_large",
     "image_aspect_ratio",
+    "eval_overlap",
     "duplicate",
     "duplicate_id",
     "pass_rate_low",

@@ -89,6 +89,7 @@ def build_report(
     notes: dict[str, int],
     pass_rate: dict[str, Any] | None,
     timing: dict[str, float],
+    eval_overlap: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Counts per reason, a few example rows per reason, and the check that every input row is accounted for.
 
@@ -111,6 +112,7 @@ def build_report(
         "inputs": inputs,
         "notes": notes,
         "pass_rate": pass_rate,
+        "eval_overlap": eval_overlap,
         "timing": timing,
     }
 
@@ -136,6 +138,11 @@ def render_report(report: dict[str, Any]) -> str:
     if report["notes"]:
         lines += ["", "## Kept with a note", ""]
         lines += [f"- {k}: {v}" for k, v in sorted(report["notes"].items())]
+    ov = report.get("eval_overlap")
+    if ov:
+        lines += ["", "## Evaluation overlap (rows dropped as eval_overlap, per benchmark)", ""]
+        lines += [f"- {name}: {n}" for name, n in ov["per_benchmark"].items()]
+        lines += [f"- {name}: not checked ({why})" for name, why in ov["not_checked"].items()]
     pr = report["pass_rate"]
     if pr:
         lines += [
@@ -182,6 +189,7 @@ def write_dataset(
     notes: dict[str, int],
     pass_rate: dict[str, Any] | None,
     timing: dict[str, float],
+    eval_overlap: dict[str, Any] | None = None,
 ) -> FilterResult:
     """Write the dataset directory atomically (an existing one with the same hash is replaced whole)."""
     from mgpo_core.config import config_hash
@@ -189,7 +197,7 @@ def write_dataset(
     data = "".join(_sample_line(row, sha) for row, sha in kept).encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()  # of the file as written (validation checks it)
     name = dataset_content_hash(kept, Path(cfg.state_dir))
-    report = build_report(name, len(kept), drops, inputs, notes, pass_rate, timing)
+    report = build_report(name, len(kept), drops, inputs, notes, pass_rate, timing, eval_overlap)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "dataset_hash": name,

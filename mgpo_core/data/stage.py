@@ -3,8 +3,9 @@ dataset directory named by its content hash, with a manifest and a report in whi
 
 ``run_filter_stage`` is the entry point the CLI and the Prefect task call (it never imports Prefect). Rows flow
 through in chunks: cheap text checks first, then each distinct image is checked once by a small thread pool
-(decoding and hashing release the GIL), then duplicates, and last the optional pass-rate filter on the
-survivors. Row order is kept, so the same inputs and config give the same bytes.
+(decoding and hashing release the GIL), then evaluation overlap (`mgpo_core.data.decontaminate`: a row whose
+image belongs to a configured benchmark is dropped as ``eval_overlap``), then duplicates, and last the optional
+pass-rate filter on the survivors. Row order is kept, so the same inputs and config give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from mgpo_core.data.decontaminate import EvalIndex, build_eval_index
 from mgpo_core.data.filters import (
     Deduper,
     ImageCheck,
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from mgpo_core.config import MGPOConfig
     from mgpo_core.rollout.base import RolloutEngine
 
-__all__ = ["FilterResult", "InputSpec", "default_engine", "run_filter_stage"]
+__all__ = ["FilterResult", "InputSpec", "default_engine", "require_training_inputs", "run_filter_stage"]
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 64
@@ -91,6 +93,23 @@ def _hint_image_root(drops: list[DataRow], start: int, fmt: str, base: Path) -> 
         log.warning("%d MME-RealWorld images not found under %s; %s", missing, base, IMAGE_ROOT_HINT)
 
 
+def require_training_inputs(cfg: MGPOConfig, inputs: Sequence[object]) -> None:
+    """Refuse a real model (``model.path`` set) with no training data unless ``data.allow_synthetic`` says the
+    synthetic set is meant: a 7B preset must never train on the 64-image toy set by accident.
+
+    Raises:
+        DataInputError: no ``inputs``, no ``data.train_path``, a real model and synthetic data not allowed.
+    """
+    if inputs or cfg.data.train_path or not cfg.model.path or cfg.data.allow_synthetic:
+        return
+    raise DataInputError(
+        f"model.path={cfg.model.path} is a real model but no training data was given, so the run would train "
+        "on the small synthetic set. Give the data: `mgpo run --input <MME-RealWorld JSON>` (with "
+        "--set data.image_root=<its image folder> when the images live apart), or --set data.allow_synthetic=true "
+        "if training on the synthetic set is what you mean"
+    )
+
+
 def _default_root(spec: InputSpec) -> Path:
     p = Path(spec.path)
     return (p if p.is_dir() else p.parent).resolve()
@@ -119,8 +138,10 @@ def run_filter_stage(
     cache = ImageCache(cfg.data.image_cache_dir or Path(cfg.state_dir) / "data" / "image-cache")
     limits = ReadLimits(max_text_chars=f.max_text_chars, max_row_bytes=f.max_row_bytes)
     user_root = Path(cfg.data.root).resolve() if cfg.data.root else None
+    # Before any row: a configured benchmark whose data cannot be read fails here, with the fix.
+    index = build_eval_index(cfg) if f.eval_overlap else EvalIndex()
 
-    run = _Checks(cfg)
+    run = _Checks(cfg, index)
     per_input: list[dict[str, Any]] = []
     bar = tqdm(desc="filter rows", unit="row", disable=None if progress is None else not progress)
     with ThreadPoolExecutor(max_workers=f.workers) as pool:
@@ -157,15 +178,23 @@ def run_filter_stage(
         inputs=per_input,
         notes=dict(run.notes),
         pass_rate=pass_rate_summary,
+        eval_overlap={
+            **index.summary(),
+            "dropped_rows": sum(d.reason == "eval_overlap" for d in drops),
+            "per_benchmark": {**{b.name: 0 for b in index.benchmarks}, **dict(sorted(run.overlap.items()))},
+        }
+        if f.eval_overlap
+        else None,
         timing={"checks_s": round(t_checks, 3), "total_s": round(time.perf_counter() - t0, 3)},
     )
 
 
 class _Checks:
     """One run's checks and their state: the per-image results (each distinct file is checked once), the
-    de-duplicator, the ids seen, and the kept and dropped rows in input order."""
+    de-duplicator, the evaluation index and the overlap per benchmark, the ids seen, and the kept and dropped
+    rows in input order."""
 
-    def __init__(self, cfg: MGPOConfig) -> None:
+    def __init__(self, cfg: MGPOConfig, index: EvalIndex) -> None:
         self.f = cfg.data.filters
         self.max_image_pixels = cfg.data.max_image_pixels
         self.kept: list[_Kept] = []
@@ -173,6 +202,8 @@ class _Checks:
         self.notes: Counter[str] = Counter()
         self.images: dict[Path, ImageCheck] = {}
         self.dedupe = Deduper(self.f.dedupe_key)
+        self.index = index
+        self.overlap: Counter[str] = Counter()
         self.ids: dict[str, str] = {}
 
     @property
@@ -196,9 +227,10 @@ class _Checks:
                 continue
             pending.append((row, path))
         new = sorted({p for _, p in pending if p not in self.images})
-        # Content hashes cost a full read of each file: only computed when de-duplicating.
+        # Content hashes cost a full read of each file: only computed when de-duplicating or decontaminating.
+        want_hash = f.dedupe or bool(self.index)
         results = pool.map(
-            lambda p: check_image(p, f, max_image_pixels=self.max_image_pixels, want_hash=f.dedupe), new
+            lambda p: check_image(p, f, max_image_pixels=self.max_image_pixels, want_hash=want_hash), new
         )
         self.images.update(zip(new, results, strict=True))
         for row, path in pending:
@@ -210,6 +242,12 @@ class _Checks:
         if check.reason:
             self.drops.append(row.drop(check.reason, check.detail))
             return
+        if self.index and check.sha256 is not None:
+            overlap = self.index.problem(sample, check.sha256)
+            if overlap is not None:  # before de-duplication: every copy of an evaluation row is counted here
+                self.overlap.update(name for name, _, _ in self.index.matches(check.sha256, sample.question))
+                self.drops.append(row.drop(*overlap))
+                return
         if self.f.dedupe and check.sha256 is not None:
             first = self.dedupe.seen(sample, check.sha256)
             if first is not None:
