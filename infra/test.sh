@@ -10,7 +10,7 @@ bash infra/setup_env.sh || { echo "test.sh: environment set-up failed" >&2; exit
 if [ -f infra/system_deps.sh ]; then bash infra/system_deps.sh || { echo "test.sh: system packages failed" >&2; exit 1; }; fi
 py="${MGPO_VENV:-$root/.venv}/bin/python"
 export DS_ACCELERATOR=cpu MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-  TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
+  TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0 MGPO_REQUIRE_ALL=1  # a skip for a missing component fails (tests/conftest.py)
 echo "== ruff ==" && "$py" -m ruff check . || exit 1
 echo "== pytest ==" && "$py" -m pytest "$@"
 rc=$?
