@@ -18,6 +18,8 @@ COMMAND_GROUPS = (
     "mgpo_cli.train",  # train, replay-metrics
     "mgpo_cli.evaluate",  # eval
     "mgpo_cli.pipeline",  # run
+    "mgpo_cli.rehearsal",  # rehearsal prepare
+    "mgpo_cli.preflight",  # preflight
     "mgpo_cli.servers",  # servers up|down|status|env, deploy, serve
 )
 

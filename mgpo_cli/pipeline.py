@@ -37,6 +37,8 @@ def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_from_args(args)  # validates the preset and overrides before anything starts
+    if not args.no_preflight and not _preflight_passes(cfg, args):
+        return 2
     prefect_url, mlflow_url = _prepare_environment(cfg.state_dir)
     overrides = list(args.overrides)
     if mlflow_url and not cfg.tracking.mlflow_tracking_uri:
@@ -82,6 +84,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(summary, cfg.state_dir, prefect_url, mlflow_url, time.perf_counter() - t0)
     park_output(console.log_path("pipeline"))
     return 0
+
+
+def _preflight_passes(cfg, args: argparse.Namespace) -> bool:  # noqa: ANN001
+    """``mgpo preflight`` before any stage: failures are printed with their fixes and nothing starts."""
+    from mgpo_cli.preflight import print_checks
+    from mgpo_core.ops.preflight import run_preflight
+
+    checks = run_preflight(cfg, args.inputs)
+    failed = [c for c in checks if c.status == "fail"]
+    warned = [c for c in checks if c.status == "warn"]
+    if failed:
+        print(f"mgpo run: preflight found {len(failed)} problem(s); nothing was started:", file=sys.stderr)
+        print_checks(failed + warned, file=sys.stderr)
+        print("(mgpo preflight prints every check; --no-preflight skips them)", file=sys.stderr)
+        return False
+    if warned:
+        print_checks(warned)
+    return True
 
 
 #: Per-benchmark grounding metrics the summary shows next to the scores (docs/USER_GUIDE.md explains them).
@@ -136,6 +156,7 @@ def register(sub) -> None:  # noqa: ANN001
         help="raw dataset input for the filter stage (repeatable; default: the synthetic set)",
     )
     p.add_argument("--refresh", action="store_true", help="ignore cached stage results and run every stage")
+    p.add_argument("--no-preflight", action="store_true", help="skip the checks made before any stage starts")
     p.add_argument(
         "--verbose",
         action="store_true",

@@ -110,7 +110,7 @@ def _write_tokenizer(src: Path, out: Path, vocab: dict[str, int]) -> None:
     conf = json.loads((src / "tokenizer_config.json").read_text())
     conf["extra_special_tokens"] = [t for t in QWEN_CONTROL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")]
     conf["model_max_length"] = 131072
-    conf.pop("chat_template", None)
+    conf["chat_template"] = QWEN_STYLE_CHAT_TEMPLATE  # the published repository has it here and in the next file
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
     # The published checkpoint carries its template as chat_template.json.
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_STYLE_CHAT_TEMPLATE}, indent=2) + "\n")

@@ -6,6 +6,7 @@ with a message saying how to provide a local directory instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from mgpo_core.modeling.tiny import (
     VISION_START,
     tiny_model_dir,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -183,6 +186,37 @@ def _torch_dtype(dtype: str) -> torch.dtype | str:
     return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
+def flash_attn_available() -> bool:
+    """Whether the flash-attn package imports (transformers' ``flash_attention_2`` needs it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """``name``, or ``sdpa`` when ``flash_attention_2`` cannot run here (flash-attn missing, or no CUDA device).
+
+    flash-attn is not on the package registries as a wheel for every torch/CUDA pair (it compiles for ~1 h), so
+    the GPU install does not force it. PyTorch's SDPA dispatches to a FlashAttention kernel itself on Ampere and
+    newer GPUs, so the fallback keeps the memory profile; it is announced once, never silent.
+    """
+    import torch
+
+    if name != "flash_attention_2":
+        return name
+    if flash_attn_available() and torch.cuda.is_available():
+        return name
+    why = "flash-attn is not installed" if not flash_attn_available() else "no CUDA device is visible"
+    if name not in _ATTN_FALLBACK_ANNOUNCED:
+        _ATTN_FALLBACK_ANNOUNCED.add(name)
+        log.warning("model.attn_implementation=flash_attention_2 but %s: loading with sdpa instead (PyTorch's "
+                    "SDPA runs a FlashAttention kernel on recent GPUs); pip install flash-attn to use it", why)  # fmt: skip
+    return "sdpa"
+
+
+_ATTN_FALLBACK_ANNOUNCED: set[str] = set()
+
+
 def load_model(
     path: str | Path, *, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"
 ) -> Qwen2_5_VLForConditionalGeneration:
@@ -196,7 +230,7 @@ def load_model(
     model = AutoModelForImageTextToText.from_pretrained(
         _check_local_checkpoint(path),
         dtype=_torch_dtype(dtype),
-        attn_implementation=attn_implementation,
+        attn_implementation=resolve_attn_implementation(attn_implementation),
         local_files_only=True,
     )
     return model.to(device).eval()

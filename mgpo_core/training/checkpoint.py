@@ -177,10 +177,32 @@ def export_hf(model, tokenizer_dir: str | Path, out_dir: str | Path, *, state_di
     model.save_pretrained(tmp, state_dict=state_dict)
     src = Path(tokenizer_dir)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name not in ("config.json",):
+        # The base's weights and their index describe the BASE's shards: an index copied beside an export
+        # written as other files (transformers writes <= 50 GB shards, so a 7B export is one file) names shards
+        # that are not there, and vLLM refuses the directory. Only the export's own index may be in it.
+        if f.is_file() and not _is_weight_file(f.name) and f.name not in ("config.json",):
             if not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
+    check_weight_index(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _is_weight_file(name: str) -> bool:
+    """Weights or a weight index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``)."""
+    return name.endswith((".safetensors", ".bin", ".pt", ".safetensors.index.json", ".bin.index.json"))
+
+
+def check_weight_index(model_dir: str | Path) -> None:
+    """Raise if ``model_dir``'s weight index names a shard that is not there (what vLLM refuses to load)."""
+    d = Path(model_dir)
+    for index in d.glob("*.index.json"):
+        names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(n for n in names if not (d / n).is_file())
+        if missing:
+            raise RuntimeError(
+                f"{index} names weight files that are not in {d}: {missing[:3]}; the directory would not load "
+                "in vLLM or transformers. Delete the stale index or restore the shards"
+            )

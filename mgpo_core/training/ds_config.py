@@ -66,3 +66,25 @@ def build_ds_config(cfg, world: int) -> dict[str, Any]:  # noqa: ANN001
     )
     base.pop("train_batch_size", None)
     return base
+
+
+def build_reference_ds_config(cfg, world: int) -> dict[str, Any]:  # noqa: ANN001
+    """The config of the frozen reference model's inference-only engine under ZeRO-3: its weights sharded over the
+    ranks as the policy's are (no optimiser, no gradients), gathered layer by layer in the forward pass.
+
+    Without it every rank held a full copy of the reference (a 7B model: ~15 GiB in bf16) beside its ZeRO-3
+    shard of the policy and vLLM's share of the GPU, undoing the reason for ZeRO-3. Parameter offload follows the
+    policy's setting.
+    """
+    d = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch_cuda_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.algorithm.micro_batch_size,
+        "gradient_accumulation_steps": micro_steps_per_minibatch(cfg, world),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(d.bf16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from mgpo_core.algorithms import grpo_advantages
-from mgpo_core.config import MGPOConfig, config_hash, flatten_config, save_config
+from mgpo_core.config import MGPOConfig, config_hash, flatten_config, to_yaml
+from mgpo_core.config.secrets import redact, redacted_params
 from mgpo_core.data.schema import Sample
 from mgpo_core.episodes import Episode, PromptTemplates
 from mgpo_core.modeling.loading import load_bundle, load_model
@@ -102,6 +103,24 @@ def build_engine(cfg: MGPOConfig, model: torch.nn.Module, world: int):  # noqa: 
     return engine, optimizer, scheduler
 
 
+def build_reference(cfg: MGPOConfig, model_path: Path, device: torch.device, world: int):  # noqa: ANN201
+    """The frozen reference model: ``(module, engine)``. Under ZeRO-3 an inference-only DeepSpeed engine shards it
+    over the ranks as the policy is (``ds_config.build_reference_ds_config``); otherwise a plain module on
+    ``device`` (engine None). Its forward is the module's own (ZeRO-3's hooks gather each layer's weights)."""
+    model = load_model(model_path, dtype=cfg.model.dtype, device=str(device),
+                       attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+    model.requires_grad_(False).eval()
+    if cfg.deepspeed.zero_stage != 3:
+        return model, None
+    import deepspeed
+
+    from mgpo_core.training.ds_config import build_reference_ds_config
+
+    engine, *_ = deepspeed.initialize(model=model, config=build_reference_ds_config(cfg, world))
+    engine.eval()
+    return engine.module, engine
+
+
 def rollout_episodes(engine, cfg: MGPOConfig, samples, *, seed: int | None, greedy: bool = False, n: int | None = None):  # noqa: ANN001, ANN201
     """The training rollout ``cfg`` asks for: MGPO's two turns, or the single-turn GRPO baseline.
 
@@ -154,7 +173,8 @@ class MGPOTrainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.ckpt_root)
-            save_config(cfg, self.run_dir / "config.yaml")
+            # The run's record: secrets (variables named like passwords, URI user-info) masked (config/secrets.py).
+            (self.run_dir / "config.yaml").write_text(redact(to_yaml(cfg)), encoding="utf-8")
 
         self.model_path = model_dir_for(cfg)  # model.path, or the offline tiny model model.tiny names
         bundle = load_bundle(
@@ -169,9 +189,9 @@ class MGPOTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.ref_model = None
+        self.ref_engine = None
         if cfg.algorithm.kl_coef > 0:  # the frozen INITIAL policy, also after a resume
-            self.ref_model = load_model(self.model_path, dtype=cfg.model.dtype, device=str(self.device))
-            self.ref_model.requires_grad_(False).eval()
+            self.ref_model, self.ref_engine = build_reference(cfg, self.model_path, self.device, self.dist.world)
 
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, self.dist.world)
         self.policy = self.engine.module
@@ -254,7 +274,7 @@ class MGPOTrainer:
                 client = MlflowClient(self.uri)
                 from mlflow.entities import Param
 
-                params = [Param(k, v[:6000]) for k, v in flatten_config(self.cfg).items()]
+                params = [Param(k, v[:6000]) for k, v in redacted_params(flatten_config(self.cfg)).items()]
                 for i in range(0, len(params), 90):
                     client.log_batch(run_id, params=params[i : i + 90])
                 client.set_tag(run_id, "mgpo.config_hash", config_hash(self.cfg))
