@@ -1,4 +1,4 @@
-"""The nightly MGPO pipeline (filter → train → register → evaluate → promote) and one flow per stage.
+"""The nightly MGPO pipeline (filter → train → select → register → evaluate → promote) and one flow per stage.
 
 Flows only wire tasks. Parameters are a preset plus ``key=value`` overrides (and optional raw inputs for the
 filter stage); every task is cached on its inputs, so rerunning a failed nightly run executes only what failed.
@@ -21,6 +21,7 @@ from tasks.stages import (
     pipeline_run_task,
     promote_task,
     register_task,
+    select_task,
     train_task,
 )
 
@@ -51,7 +52,8 @@ def nightly(
         _report_markdown(dataset), key="filter-report", description="Dataset filter report"
     )
     train = train_task(preset, overrides, dataset, parent)
-    reg = register_task(preset, overrides, train, parent)
+    chosen = select_task(preset, overrides, train, dataset.get("eval_path"), parent)
+    reg = register_task(preset, overrides, chosen, parent)
     ev = evaluate_task(preset, overrides, reg, dataset.get("eval_path"), parent)
     create_table_artifact(
         [{"metric": k, "value": round(v, 4)} for k, v in sorted(ev["metrics"].items())],
@@ -64,6 +66,7 @@ def nightly(
         "pipeline_run_id": parent,
         "dataset": dataset,
         "train": {k: train.get(k) for k in ("run_dir", "steps_done", "mlflow_run_id", "hf_export")},
+        "selection": {k: chosen.get(k) for k in ("selected_step", "hf_export", "selection")},
         "registration": reg,
         "evaluation": ev,
         "baseline": base,
@@ -91,6 +94,30 @@ def train_flow(dataset_dir: str, preset: str = DEFAULT_PRESET, overrides: list[s
         {"dataset_dir": dataset_dir, "dataset_hash": Path(dataset_dir).name},
         None,
     )
+
+
+@flow(name="mgpo-select")
+def select_flow(
+    run_dir: str, eval_path: str | None = None, preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
+) -> dict:
+    """Checkpoint selection alone, on a finished training run directory (its ``manifest.json``)."""
+    import json
+    from pathlib import Path
+
+    run = Path(run_dir)
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"select: {run / 'manifest.json'} cannot be read ({e}); pass the run directory of a finished training "
+            "(the train stage's run_dir, under <state>/runs/)"
+        ) from e
+    from tasks.stages import _export_identity
+
+    train = {**manifest, "run_dir": str(run), "dataset_hash": manifest.get("dataset_hash", "")}
+    if train.get("hf_export"):
+        train.update(_export_identity(train["hf_export"]))
+    return select_task(preset, list(overrides or []), train, eval_path, None)
 
 
 @flow(name="mgpo-register")

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mgpo_core.config import MGPOConfig, load_config
 from mgpo_core.ops.tracking import tracking_uri_for
+from tasks.stage_code import stage_code_digest
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_cfg(preset: str, overrides: list[str]) -> MGPOConfig:
     return load_config(preset, overrides)
-
-
-def source_digest() -> str:
-    """Code version for cache keys: a digest of the Python sources of mgpo_core, tasks and flows.
-
-    Unlike a git sha it also changes with uncommitted edits, and it is the same on every clone of a commit.
-    """
-    h = hashlib.sha256()
-    for pkg in ("mgpo_core", "tasks", "flows"):
-        for f in sorted((SOURCE_ROOT / pkg).rglob("*.py")):
-            h.update(f.relative_to(SOURCE_ROOT).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def git_sha() -> str:
@@ -68,9 +57,15 @@ def input_fingerprint(paths: list[str]) -> str:
     return digest(items)
 
 
-def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa: ANN201
-    """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the code version + the identity
-    of the tracking store and of the state folder — and a cached result is validated before it is used.
+def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201, E501
+    """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the digest of the code the stage
+    runs + the identity of the tracking store and of the state folder — and a cached result is validated before
+    it is used.
+
+    The code digest (``tasks.stage_code``) covers the task's function, the helpers it calls and the project
+    modules they import, transitively: an evaluation-only change leaves the keys of filtering and training alone.
+    ``code(cfg)``, when given, names the function whose code counts under that config instead of the task's own
+    (the select stage without selection configured runs only its pass-through).
 
     ``preset`` + ``overrides`` are replaced by the resolved config minus ``ignore_sections`` (those that cannot
     change the stage's result, e.g. ``evaluation`` for training), minus ``tracking`` and ``state_dir`` (where
@@ -92,17 +87,25 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = ()):  # noqa:
         if "preset" in params and "overrides" in params:
             cfg_obj = load_cfg(params.pop("preset"), params.pop("overrides"))
             cfg = cfg_obj.model_dump(mode="json")
-            ignored = ignore_sections
-            if stage == "train" and cfg_obj.checkpoint.select_every:  # selection evaluates: its settings count
-                ignored = tuple(x for x in ignore_sections if x != "evaluation")
-            for k in ("tracking", "run_name", "preset", "state_dir", *ignored):
+            for k in ("tracking", "run_name", "preset", "state_dir", *ignore_sections):
                 cfg.pop(k, None)
             params["config"] = cfg
             params["stores"] = {
                 "tracking": store_identity(tracking_uri_for(cfg_obj), cfg_obj.state_dir),
                 "state": state_identity(cfg_obj.state_dir),
             }
-        base = f"mgpo-{stage}-{digest(stage, params, source_digest())}"
+        fn = code(cfg_obj) if code is not None and cfg_obj is not None else ctx.task.fn
+        base = f"mgpo-{stage}-{digest(stage, params, stage_code_digest(fn))}"
         return validated_key(stage, base, cfg_obj, ctx) if cfg_obj is not None else base
 
     return key
+
+
+def stage_cache_policy(stage: str, ignore_sections: tuple[str, ...] = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201, E501
+    """The cache policy of a stage task: ``stage_cache_key``'s key, SERIALIZABLE with a lock per key
+    (``tasks.locks``), so two overlapping runs with the same inputs execute the stage once."""
+    from prefect.cache_policies import CachePolicy
+
+    from tasks.locks import serializable
+
+    return serializable(CachePolicy.from_cache_key_fn(stage_cache_key(stage, ignore_sections, code)))

@@ -98,10 +98,11 @@ class _StageStates(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         m = _STATE_LINE.search(record.getMessage())
-        name = getattr(record, "task_run_name", None) or ""
-        if not m or not name:
+        # The task's name is the stage ("evaluate"); its run name is for the UI ("evaluate v3").
+        name = getattr(record, "task_name", None) or (getattr(record, "task_run_name", None) or "").rsplit("-", 1)[0]
+        if not m or not name or name == "<unknown>":
             return
-        stage = name.rsplit("-", 1)[0]
+        stage = name
         if stage == "pipeline-run":
             return
         word = {"Completed": "done", "Cached": "from cache", "Failed": "FAILED"}.get(m.group(1), m.group(1))

@@ -19,7 +19,7 @@ from tasks.common import (
     digest,
     git_sha,
     load_cfg,
-    stage_cache_key,
+    stage_cache_policy,
 )
 from tasks.console import progress
 from tasks.hooks import stage_body
@@ -54,7 +54,7 @@ def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> s
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-@task(name="pipeline-run", cache_key_fn=stage_cache_key("pipeline-run"), persist_result=True)
+@task(name="pipeline-run", cache_policy=stage_cache_policy("pipeline-run"), persist_result=True)
 def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> str:
     """The MLflow parent run of one pipeline execution (cached: a rerun attaches to the same parent)."""
     cfg = load_cfg(preset, overrides)
@@ -71,7 +71,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
 
 @task(
     name="filter",
-    cache_key_fn=stage_cache_key("filter", ("evaluation", "optimizer", "deepspeed", "checkpoint")),
+    cache_policy=stage_cache_policy("filter", ("evaluation", "optimizer", "deepspeed", "checkpoint")),
     persist_result=True,
     timeout_seconds=6 * 3600,
     **RETRY,
@@ -162,7 +162,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
 
 @task(
     name="train",
-    cache_key_fn=stage_cache_key("train", ("evaluation",)),
+    cache_policy=stage_cache_policy("train", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3 * 24 * 3600,
     **RETRY,
@@ -205,19 +205,54 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
     )
     manifest["run_dir"] = str(run_dir)
     manifest["dataset_hash"] = dataset["dataset_hash"]
-    manifest["selected_step"] = manifest.get("steps_done")
-    if cfg.checkpoint.select_every and manifest.get("hf_export"):
-        sel = _select_checkpoint(cfg, run_dir, manifest, dataset.get("eval_path"))
-        manifest.update(hf_export=str(sel.best_dir), selected_step=sel.best_step,
-                        selection={str(k): v for k, v in sel.curve.items()})  # fmt: skip
-        progress(f"train     selected the checkpoint of step {sel.best_step}: {sel.metric} = {sel.curve[sel.best_step]:.4f}")
     if manifest.get("hf_export"):
-        from mgpo_core.ops.registry import checkpoint_digest
-        from tasks.validate import tree_fingerprint
-
-        manifest["hf_export_digest"] = checkpoint_digest(manifest["hf_export"])
-        manifest["hf_export_fingerprint"] = tree_fingerprint(manifest["hf_export"])
+        manifest.update(_export_identity(manifest["hf_export"]))
     return manifest
+
+
+def _export_identity(hf_export: str) -> dict[str, str]:
+    """The exported checkpoint's content digest (lineage, registration) and cheap fingerprint (cache checks)."""
+    from mgpo_core.ops.registry import checkpoint_digest
+    from tasks.validate import tree_fingerprint
+
+    return {"hf_export_digest": checkpoint_digest(hf_export), "hf_export_fingerprint": tree_fingerprint(hf_export)}
+
+
+def _keep_last(train: dict[str, Any]) -> dict[str, Any]:
+    """No selection configured (``checkpoint.select_every = 0``): the last checkpoint is the one registered."""
+    return {**train, "selected_step": train.get("steps_done")}
+
+
+@task(
+    name="select",
+    cache_policy=stage_cache_policy(
+        "select", ("optimizer", "deepspeed"), code=lambda cfg: select_task if cfg.checkpoint.select_every else _keep_last
+    ),
+    persist_result=True,
+    timeout_seconds=12 * 3600,
+    **RETRY,
+)
+@stage_body("select")
+def select_task(
+    preset: str, overrides: list[str], train: dict[str, Any], eval_path: str | None, parent_run_id: str | None
+) -> dict[str, Any]:
+    """Choose the checkpoint to register: with ``checkpoint.select_every = k``, evaluate every k-th kept
+    checkpoint and the last on the configured benchmarks and keep the best (the curve goes to the training run);
+    otherwise the last. A stage of its own so that the UI shows training end when training ends, and a failed
+    selection reruns selection only, never training. Returns the training manifest with ``hf_export`` (and its
+    digest) set to the chosen checkpoint, plus ``selected_step``.
+    """
+    cfg = load_cfg(preset, overrides)
+    if not cfg.checkpoint.select_every or not train.get("hf_export"):
+        out = _keep_last(train)
+        progress(f"select    the last checkpoint (step {out['selected_step']}; checkpoint.select_every = 0)")
+        return out
+    sel = _select_checkpoint(cfg, Path(train["run_dir"]), train, eval_path)
+    progress(f"select    the checkpoint of step {sel.best_step}: {sel.metric} = {sel.curve[sel.best_step]:.4f}")
+    chosen = str(sel.best_dir)
+    same = chosen == train["hf_export"]  # the last one won: its digest is known (hashing 15 GB again is minutes)
+    return {**train, "hf_export": chosen, "selected_step": sel.best_step,
+            "selection": {str(k): v for k, v in sel.curve.items()}, **({} if same else _export_identity(chosen))}  # fmt: skip
 
 
 def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None):  # noqa: ANN001, ANN202
@@ -246,7 +281,7 @@ def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None
     run_id = manifest.get("mlflow_run_id")
 
     def log_point(key: str, value: float, step: int) -> None:
-        progress(f"train     checkpoint of step {step}: {key.removeprefix('select/')} = {value:.4f}")
+        progress(f"select    checkpoint of step {step}: {key.removeprefix('select/')} = {value:.4f}")
         if run_id:
             client.log_metric(run_id, key, value, step=step)
 
@@ -268,7 +303,7 @@ def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
 
 @task(
     name="register",
-    cache_key_fn=stage_cache_key("register", ("evaluation",)),
+    cache_policy=stage_cache_policy("register", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3600,
     **RETRY,
@@ -310,7 +345,7 @@ def register_task(
 
 @task(
     name="evaluate",
-    cache_key_fn=stage_cache_key("evaluate"),
+    cache_policy=stage_cache_policy("evaluate"),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,
@@ -334,7 +369,7 @@ def evaluate_task(
 
 @task(
     name="baseline",
-    cache_key_fn=stage_cache_key("baseline", ("optimizer", "deepspeed", "checkpoint", "algorithm")),
+    cache_policy=stage_cache_policy("baseline", ("optimizer", "deepspeed", "checkpoint", "algorithm")),
     persist_result=True,
     timeout_seconds=12 * 3600,
     **RETRY,

@@ -172,6 +172,7 @@ VALIDATORS: dict[str, Callable[[MGPOConfig, Any], None]] = {
     "pipeline-run": check_pipeline_run,
     "filter": check_filter,
     "train": check_train,
+    "select": check_train,  # the training manifest with the chosen checkpoint: the same things to check
     "register": check_register,
     "evaluate": check_evaluate,
     "baseline": check_evaluate,
