@@ -24,6 +24,7 @@ from mgpo_core.config.errors import (
     _unknown_field_line,
 )
 from mgpo_core.config.root import MGPOConfig
+from mgpo_core.config.secrets import looks_secret, remember_secret
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "tiny-base-cpu"
@@ -192,6 +193,8 @@ def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
             return match.group(0)[1:]
         value = os.environ.get(name)
         if value:  # empty counts as unset, as with the shell's ${VAR:-default}
+            if looks_secret(name):  # masked wherever the config is recorded (config/secrets.py)
+                remember_secret(value)
             return value
         if default is not None:
             return default

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mgpo_core.config import MGPOConfig, save_config
+from mgpo_core.config.secrets import redact
 
 
 class TrainingFailed(RuntimeError):
@@ -328,6 +329,7 @@ def launch_training(
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run / "launch-config.yaml")
+    os.chmod(config_path, 0o600)  # the one copy that keeps secrets (config.yaml and MLflow get them masked)
     cmd = launch_command(cfg, config_path, run, mlflow_run_id)
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -356,6 +358,7 @@ def launch_training(
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                line = redact(line)  # a rank that prints a URI with credentials or an expanded secret
                 logf.write(line)
                 tail.append(line.rstrip("\n"))
                 if on_line is not None:

@@ -1,0 +1,54 @@
+"""Redaction of secrets in what a run records about its config (MLflow parameters, ``config.yaml``, logs).
+
+Two kinds of secret reach a config: values expanded from environment variables whose names look secret
+(``${MLFLOW_DB_PASSWORD}``, ``${HF_TOKEN}``; ``loading.py`` calls ``remember_secret`` for each), and the user-info
+part of a URI (``postgresql://user:password@db/mlflow``, ``http://user:token@mlflow:5000``). Both are replaced by
+``***`` wherever the config is written for people to read; the config the training process itself loads keeps
+them (a file written 0600, see ``training/launch.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+MASK = "***"
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|AUTH|PWD|PRIVATE", re.IGNORECASE)
+"""Environment variable names whose values are treated as secrets when a config expands them."""
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+_SECRETS: set[str] = set()
+"""Values expanded from secret-looking variables in this process (the longest are replaced first)."""
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable name looks like it holds a secret (``DB_PASSWORD``, ``HF_TOKEN``...)."""
+    return bool(SECRET_NAME.search(name))
+
+
+def remember_secret(value: str) -> None:
+    """Record ``value`` (expanded from a secret-looking variable) so that ``redact`` masks it from now on."""
+    if len(value) >= 4:  # a 1-3 character "secret" would mask unrelated text everywhere
+        _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """``text`` with every remembered secret and every URI user-info (``scheme://user:pw@``) masked."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+
+
+def redact_tree(node: Any) -> Any:
+    """A copy of a nested mapping/list with ``redact`` applied to every string."""
+    if isinstance(node, Mapping):
+        return {k: redact_tree(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [redact_tree(v) for v in node]
+    return redact(node) if isinstance(node, str) else node
+
+
+def redacted_params(flat: Mapping[str, str]) -> dict[str, str]:
+    """MLflow parameters (``flatten_config``'s output) with secrets masked."""
+    return {k: redact(v) for k, v in flat.items()}

@@ -1,0 +1,32 @@
+"""Secrets stay secret (issue 26, item 5): values expanded from secret-looking variables and URI user-info are
+masked in what a run records (MLflow parameters, config.yaml, the training log); the launch config that keeps
+them is 0600."""
+
+from __future__ import annotations
+
+from mgpo_core.config import flatten_config, load_config, to_yaml
+from mgpo_core.config.secrets import MASK, looks_secret, redact, redacted_params
+
+
+def test_uri_user_info_is_masked_and_the_rest_kept():
+    assert redact("postgresql://mlflow:s3cr3t@db:5432/mlflow") == f"postgresql://{MASK}@db:5432/mlflow"
+    assert redact("see http://u:tok@host:5000/x and https://plain/y") == f"see http://{MASK}@host:5000/x and https://plain/y"
+    assert redact("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+
+
+def test_values_from_secret_named_variables_are_masked_in_params_and_config_yaml(monkeypatch, tmp_path):
+    assert looks_secret("MLFLOW_DB_PASSWORD") and looks_secret("hf_token") and not looks_secret("HOME")
+    monkeypatch.setenv("MGPO_TEST_DB_PASSWORD", "pw-7f3a9c")
+    monkeypatch.setenv("MGPO_TEST_PLAIN", "visible-value")
+    cfg = load_config("tiny-cpu", [
+        "tracking.mlflow_tracking_uri=postgresql://mlflow:${MGPO_TEST_DB_PASSWORD}@db/mlflow",
+        "rollout.choices_header=${MGPO_TEST_PLAIN}",
+    ])  # fmt: skip
+    assert "pw-7f3a9c" in cfg.tracking.mlflow_tracking_uri, "the config itself keeps the value to connect with"
+    params = redacted_params(flatten_config(cfg))
+    text = redact(to_yaml(cfg))
+    for recorded in (" ".join(params.values()), text):
+        assert "pw-7f3a9c" not in recorded and "mlflow:pw" not in recorded
+        assert "visible-value" in recorded, "only secrets are masked"
+    assert params["tracking.mlflow_tracking_uri"] == f"postgresql://{MASK}@db/mlflow"
+    assert redact("rank 0: connecting with pw-7f3a9c") == f"rank 0: connecting with {MASK}"
