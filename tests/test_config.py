@@ -64,51 +64,135 @@ def test_no_argument_loads_the_embedded_default_the_base_model_run() -> None:
     assert cfg == load_config("tiny-base-cpu") and cfg.model.tiny == "base"
 
 
+QUESTION_BYTES = 2000
+"""Room for one benchmark question with its options (MME-RealWorld's longest are well under 1,000 characters)."""
+CHAT_MARKUP_TOKENS = 64
+"""<|im_start|>/<|im_end|>, role names, vision markers of a two-turn conversation, with room to spare."""
+
+
+def _worst_tokens(r) -> int:  # noqa: ANN001 - the rollout section
+    """The most visual tokens an overview or an enlarged crop takes under the section's pixel budget, over image
+    sizes from 28 px to 9,000 px a side and aspect ratios up to 10:1 (panoramas included)."""
+    from mgpo_core.imaging import overview_size
+
+    aspects = (1, 4 / 3, 1.5, 2, 3, 4, 6, 8, 10)
+    sizes = [(w, max(28, int(w / a))) for w in range(100, 9000, 97) for a in aspects]
+    return max(
+        (w_in // 28) * (h_in // 28)
+        for w, h in sizes
+        for w_in, h_in in [overview_size(a, b, min_pixels=r.min_pixels, max_pixels=r.max_pixels) for a, b in
+                           ((w, h), (h, w))]
+    )  # fmt: skip
+
+
+def _text_tokens(*texts: str) -> int:
+    """An upper bound on the tokens of ``texts``: a byte-level BPE token covers at least one UTF-8 byte."""
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _optimiser_steps_per_rl_step(cfg: MGPOConfig, world: int) -> int:
+    """Optimiser steps DeepSpeed takes in one RL step: the step's episodes over its global batch per step."""
+    from mgpo_core.training.ds_config import build_ds_config
+
+    ds = build_ds_config(cfg, world)
+    per_step = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    episodes = cfg.algorithm.prompts_per_step * cfg.rollout.n
+    assert episodes % per_step == 0, "an RL step must end on an optimiser step"
+    return episodes // per_step
+
+
 def test_tiny_cpu_preset_is_sized_for_a_cpu() -> None:
+    """What a CPU run needs: the offline tiny model in float32 under one python process (no bf16 on DeepSpeed's CPU
+    accelerator), a response cap holding both turns plus the largest crop, images larger than the overview budget
+    (else the crop shows nothing new), and several optimiser steps per RL step as in the paper."""
+    from mgpo_core.imaging import overview_size
+    from mgpo_core.training.ds_config import build_ds_config
+
     cfg = load_config("tiny-cpu")
-    assert cfg.model.path is None and cfg.model.dtype == "float32"
-    assert cfg.rollout.n == 4 and cfg.rollout.engine == "auto"
-    assert (cfg.rollout.max_new_tokens_turn1, cfg.rollout.max_new_tokens_turn2) == (48, 32)
-    # The response cap counts the inserted turn-2 prompt too: room for both turns plus a max-size crop image.
     r = cfg.rollout
-    assert (
-        r.max_response_tokens >= r.max_new_tokens_turn1 + r.max_new_tokens_turn2 + r.max_pixels // 28**2 + 200
-    )
-    assert (cfg.rollout.min_pixels, cfg.rollout.max_pixels) == (16 * 28 * 28, 64 * 28 * 28)
-    assert (cfg.algorithm.prompts_per_step, cfg.algorithm.mini_batch_prompts) == (4, 2)
-    assert (cfg.algorithm.micro_batch_size, cfg.algorithm.total_steps) == (4, 4)
-    assert cfg.optimizer.lr == pytest.approx(1e-4)
-    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, cfg.deepspeed.launcher) == (2, False, "python")
-    assert cfg.checkpoint.every_steps == 2
-    assert cfg.evaluation.benchmarks == ["synthetic"] and cfg.evaluation.limit == 8
-    assert cfg.data.synthetic_width * cfg.data.synthetic_height > cfg.rollout.max_pixels
+    assert cfg.model.path is None and cfg.model.tiny, "the tiny model is built offline, nothing downloaded"
+    assert cfg.model.dtype == "float32" and build_ds_config(cfg, 1)["bf16"] == {"enabled": False}
+    assert cfg.deepspeed.launcher == "python" and cfg.deepspeed.num_gpus <= 1
+    from mgpo_core.data.synthetic import QUESTIONS, VOCABULARY
+
+    # The synthetic questions: the longest one, with every option of the largest vocabulary listed as "(X) value".
+    options = "".join(f"(X) {v}\n" for v in max(VOCABULARY.values(), key=len))
+    question = max(QUESTIONS.values(), key=len) + options
+    turn2 = _text_tokens(r.turn2_valid_template, r.choices_header, question)
+    assert r.max_response_tokens >= r.max_new_tokens_turn1 + r.max_new_tokens_turn2 + _worst_tokens(r) + turn2
+    w, h = cfg.data.synthetic_width, cfg.data.synthetic_height
+    w_in, h_in = overview_size(w, h, min_pixels=r.min_pixels, max_pixels=r.max_pixels)
+    assert w_in < w and h_in < h, "the synthetic images are downscaled for the overview: the crop adds detail"
+    assert _optimiser_steps_per_rl_step(cfg, world=1) >= 2
 
 
-def test_paper_preset_has_every_constant_of_method_section_2(model_dir_env: Path) -> None:
+@pytest.mark.parametrize(("width", "height"), [(2246, 1582), (3840, 2160), (7680, 4320), (4000, 1000)])
+def test_paper_preset_shows_a_high_resolution_image_in_about_1280_visual_tokens(
+    model_dir_env: Path, width: int, height: int
+) -> None:
+    """M§1.1/M§3: V* (~2246x1582), HR-Bench 4K and 8K, a wide panorama: downscaled to ~1280 tokens of 28x28 pixels
+    (the reference's rounding may add or take off a few); a small image is enlarged to about the 256-token floor."""
+    from mgpo_core.imaging import overview_size
+
+    r = load_config(PAPER).rollout
+    w, h = overview_size(width, height, min_pixels=r.min_pixels, max_pixels=r.max_pixels)
+    assert 0.95 * 1280 <= (w // 28) * (h // 28) <= 1.02 * 1280
+    w, h = overview_size(320, 240, min_pixels=r.min_pixels, max_pixels=r.max_pixels)
+    assert 0.98 * 256 <= (w // 28) * (h // 28) <= 1.02 * 256, "a small image is enlarged to about 256 tokens"
+
+
+def test_paper_preset_sequences_fit_the_vllm_context(model_dir_env: Path) -> None:
+    """The longest episode fits vLLM's max_model_len: system prompt + the largest overview + a long question, then
+    the capped response (both turns and the crop inside it); and after a full-length turn 1 and the largest crop,
+    turn 2 still has room for a short reasoned answer."""
+    from mgpo_core.rollout.base import RolloutSettings
+    from mgpo_core.rollout.vllm_engine import VLLMOptions, build_llm_kwargs
+
     cfg = load_config(PAPER)
-    r, a, o, d = cfg.rollout, cfg.algorithm, cfg.optimizer, cfg.deepspeed
-    assert r.n == 8
-    assert a.advantage == "grpo" and a.adv_eps == pytest.approx(1e-6)
-    assert a.clip_low == pytest.approx(0.2) and a.clip_high == pytest.approx(0.2)
-    assert a.kl_coef == pytest.approx(0.01) and a.kl_estimator == "low_var_kl"
-    assert a.kl_clamp == pytest.approx(10.0)
-    assert a.entropy_coef == pytest.approx(0.001)
-    assert o.name == "adamw" and o.lr == pytest.approx(1e-6) and o.scheduler == "constant"
-    assert o.warmup_steps == 0
-    assert o.weight_decay == pytest.approx(0.01) and o.grad_clip == pytest.approx(1.0)
-    assert d.bf16 is True and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing is True
-    assert a.prompts_per_step == 512 and a.mini_batch_prompts == 128
-    assert a.prompts_per_step // a.mini_batch_prompts == 4  # optimiser steps per RL step
-    assert a.ppo_epochs == 1
-    assert r.max_new_tokens_turn1 == 8192 and r.max_new_tokens_turn2 == 8192
-    assert r.max_response_tokens == 12192
-    assert r.temperature == pytest.approx(1.0) and r.top_p == pytest.approx(1.0)
-    assert (r.min_pixels, r.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28)
-    assert r.crop_resample == "nearest" and r.third_turn is False
-    assert cfg.grounding.coord_mode == "absolute" and cfg.grounding.clamp_tolerance == 0.0
-    assert (cfg.grounding.min_side, cfg.grounding.max_aspect) == (28, 100.0)
-    assert (d.zero_stage, d.launcher, d.num_gpus) == (3, "deepspeed", 8)
-    assert r.engine == "vllm" and a.total_steps == 80 and cfg.checkpoint.every_steps == 10
+    r = cfg.rollout
+    text = _text_tokens(r.system_prompt, r.turn1_template) + QUESTION_BYTES + CHAT_MARKUP_TOKENS
+    prompt = _worst_tokens(r) + text
+    assert prompt + r.max_response_tokens <= r.max_model_len
+    turn2_prompt = _worst_tokens(r) + _text_tokens(r.turn2_valid_template, r.choices_header) + QUESTION_BYTES
+    # Bytes overcount English text about 4x, so this is a floor: a boxed letter with a few sentences before it.
+    assert r.max_response_tokens - r.max_new_tokens_turn1 - turn2_prompt >= 256
+    settings = RolloutSettings.from_config(cfg)
+    kwargs = build_llm_kwargs("unused", VLLMOptions.from_config(cfg), settings, on_cpu=False)
+    assert kwargs["max_model_len"] == r.max_model_len and kwargs["enable_sleep_mode"] is True
+
+
+def test_paper_preset_trains_on_512x8_trajectories_in_4_optimiser_steps_with_the_kl_loss(
+    model_dir_env: Path,
+) -> None:
+    """M§2: 512 prompts x n=8 per RL step, 4 optimiser steps over them on 8 GPUs (ZeRO-3, bf16), a constant lr,
+    and the loss the trainer builds has the KL-to-reference term (0.01, k3) and the entropy bonus (0.001)."""
+    import torch
+
+    from mgpo_core.algorithms import LossCoefficients, mgpo_loss
+    from mgpo_core.training.ds_config import build_ds_config
+    from mgpo_core.training.trainer import lr_lambda
+
+    cfg = load_config(PAPER)
+    world = cfg.deepspeed.num_gpus
+    assert world == 8 and cfg.algorithm.prompts_per_step * cfg.rollout.n == 512 * 8
+    assert _optimiser_steps_per_rl_step(cfg, world) == 4
+    ds = build_ds_config(cfg, world)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert cfg.model.dtype == "bfloat16" and ds["gradient_clipping"] == pytest.approx(1.0)
+    f = lr_lambda(cfg)
+    assert {f(i) for i in range(4 * cfg.algorithm.total_steps)} == {1.0}, "constant lr, no warm-up"
+    # The loss on fixed tensors equals METHOD §2's (clip 0.2, KL 0.01 low-var k3 clamped at 10, entropy 0.001).
+    g = torch.Generator().manual_seed(0)
+    logp, ref, ent = (torch.randn(4, 6, generator=g) * 0.3 for _ in range(3))
+    old, adv, mask = logp + 0.1, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, 6)
+    paper = LossCoefficients(kl_coef=0.01, entropy_coef=0.001, clip_low=0.2, clip_high=0.2,
+                             kl_estimator="low_var_kl", kl_clamp=10.0)  # fmt: skip
+    built = LossCoefficients.from_algorithm(cfg.algorithm)
+    got, metrics = mgpo_loss(logp, old, ref, adv, mask, ent, built)
+    want, _ = mgpo_loss(logp, old, ref, adv, mask, ent, paper)
+    assert float(got) == pytest.approx(float(want), abs=1e-7) and metrics["loss/kl"] > 0
+    no_kl, _ = mgpo_loss(logp, old, ref, adv, mask, ent, LossCoefficients(kl_coef=0.0, entropy_coef=0.001))
+    assert float(got - no_kl) == pytest.approx(0.01 * metrics["loss/kl"], rel=1e-5), "the KL term is on"
 
 
 def test_every_value_line_of_paper_preset_cites_its_source() -> None:
