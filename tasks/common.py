@@ -57,15 +57,19 @@ def input_fingerprint(paths: list[str]) -> str:
     return digest(items)
 
 
-def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201, E501
+Ignored = tuple[str, ...] | Callable[[MGPOConfig], tuple[str, ...]]
+
+
+def stage_cache_key(stage: str, ignore_sections: Ignored = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201
     """A Prefect ``cache_key_fn``: stage name + the task's (small, JSON) inputs + the digest of the code the stage
     runs + the identity of the tracking store and of the state folder — and a cached result is validated before
     it is used.
 
     The code digest (``tasks.stage_code``) covers the task's function, the helpers it calls and the project
     modules they import, transitively: an evaluation-only change leaves the keys of filtering and training alone.
-    ``code(cfg)``, when given, names the function whose code counts under that config instead of the task's own
-    (the select stage without selection configured runs only its pass-through).
+    ``ignore_sections`` may be a function of the config. ``code(cfg)``, when given, names the function whose
+    code counts under that config instead of the task's own (the select stage without selection configured runs
+    only its pass-through).
 
     ``preset`` + ``overrides`` are replaced by the resolved config minus ``ignore_sections`` (those that cannot
     change the stage's result, e.g. ``evaluation`` for training), minus ``tracking`` and ``state_dir`` (where
@@ -87,7 +91,8 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = (), code: Cal
         if "preset" in params and "overrides" in params:
             cfg_obj = load_cfg(params.pop("preset"), params.pop("overrides"))
             cfg = cfg_obj.model_dump(mode="json")
-            for k in ("tracking", "run_name", "preset", "state_dir", *ignore_sections):
+            ignored = ignore_sections(cfg_obj) if callable(ignore_sections) else ignore_sections
+            for k in ("tracking", "run_name", "preset", "state_dir", *ignored):
                 cfg.pop(k, None)
             params["config"] = cfg
             params["stores"] = {
@@ -101,7 +106,7 @@ def stage_cache_key(stage: str, ignore_sections: tuple[str, ...] = (), code: Cal
     return key
 
 
-def stage_cache_policy(stage: str, ignore_sections: tuple[str, ...] = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201, E501
+def stage_cache_policy(stage: str, ignore_sections: Ignored = (), code: Callable[[MGPOConfig], Any] | None = None):  # noqa: ANN201
     """The cache policy of a stage task: ``stage_cache_key``'s key, SERIALIZABLE with a lock per key
     (``tasks.locks``), so two overlapping runs with the same inputs execute the stage once."""
     from prefect.cache_policies import CachePolicy

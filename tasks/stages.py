@@ -54,7 +54,12 @@ def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> s
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-@task(name="pipeline-run", cache_policy=stage_cache_policy("pipeline-run"), persist_result=True)
+@task(
+    name="pipeline-run",
+    task_run_name="mlflow parent run",
+    cache_policy=stage_cache_policy("pipeline-run"),
+    persist_result=True,
+)
 def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> str:
     """The MLflow parent run of one pipeline execution (cached: a rerun attaches to the same parent)."""
     cfg = load_cfg(preset, overrides)
@@ -71,6 +76,7 @@ def pipeline_run_task(preset: str, overrides: list[str], inputs: list[str]) -> s
 
 @task(
     name="filter",
+    task_run_name="filter",
     cache_policy=stage_cache_policy("filter", ("evaluation", "optimizer", "deepspeed", "checkpoint")),
     persist_result=True,
     timeout_seconds=6 * 3600,
@@ -162,6 +168,7 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
 
 @task(
     name="train",
+    task_run_name="train",
     cache_policy=stage_cache_policy("train", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3 * 24 * 3600,
@@ -193,11 +200,15 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
         run_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(mlflow_run_id)
     total = cfg.algorithm.total_steps
+    from tasks.artifacts import TrainingProgress
+
+    ui_progress = TrainingProgress(total, f"RL steps done of {total} ({run_dir.name})")
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         names = {"reward/mean": "reward", "rollout/valid_box_ratio": "valid boxes", "timing/step_s": "s/step"}
         shown = ", ".join(f"{label} {metrics[k]:.3g}" for k, label in names.items() if k in metrics)
         progress(f"train     step {step}/{total}  {shown}")
+        ui_progress.step(step)
 
     progress(f"train     {total} RL steps in {run_dir} (log: {run_dir / 'train.log'})")
     manifest = launch_training(
@@ -225,8 +236,13 @@ def _keep_last(train: dict[str, Any]) -> dict[str, Any]:
 
 @task(
     name="select",
+    task_run_name="select",
+    # Without selection configured the stage only passes the last checkpoint on: evaluation settings and code
+    # cannot change its result.
     cache_policy=stage_cache_policy(
-        "select", ("optimizer", "deepspeed"), code=lambda cfg: select_task if cfg.checkpoint.select_every else _keep_last
+        "select",
+        lambda cfg: ("optimizer", "deepspeed", *(() if cfg.checkpoint.select_every else ("evaluation",))),
+        code=lambda cfg: select_task if cfg.checkpoint.select_every else _keep_last,
     ),
     persist_result=True,
     timeout_seconds=12 * 3600,
@@ -303,6 +319,7 @@ def _run_exists(cfg, run_id: str) -> bool:  # noqa: ANN001
 
 @task(
     name="register",
+    task_run_name="register",
     cache_policy=stage_cache_policy("register", ("evaluation",)),
     persist_result=True,
     timeout_seconds=3600,
@@ -345,6 +362,7 @@ def register_task(
 
 @task(
     name="evaluate",
+    task_run_name="evaluate v{registration[version]}",
     cache_policy=stage_cache_policy("evaluate"),
     persist_result=True,
     timeout_seconds=12 * 3600,
@@ -369,6 +387,7 @@ def evaluate_task(
 
 @task(
     name="baseline",
+    task_run_name="baseline",
     cache_policy=stage_cache_policy("baseline", ("optimizer", "deepspeed", "checkpoint", "algorithm")),
     persist_result=True,
     timeout_seconds=12 * 3600,
@@ -449,7 +468,7 @@ def make_engine(cfg, model_dir: str):  # noqa: ANN001, ANN201
     return build_rollout_engine(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_dir})}))
 
 
-@task(name="promote", timeout_seconds=600, **RETRY)
+@task(name="promote", task_run_name="promote v{registration[version]}", timeout_seconds=600, **RETRY)
 @stage_body("promote")
 def promote_task(
     preset: str, overrides: list[str], registration: dict[str, Any], evaluation: dict, baseline: dict | None = None

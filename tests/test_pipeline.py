@@ -98,7 +98,9 @@ def clean_run(tmp_path_factory) -> Path:
 
 
 def test_clean_run_registers_evaluates_and_promotes(clean_run):
-    assert executions(clean_run) == {"filter": 1, "train": 1, "register": 1, "evaluate": 1, "baseline": 1, "promote": 1}
+    assert executions(clean_run) == {
+        "filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 1, "baseline": 1, "promote": 1
+    }  # fmt: skip
     reg = registry_state(clean_run)
     assert reg["versions"] == ["1"] and reg["champion"] == reg["challenger"] == "1"
     assert "eval/synthetic/overall" in reg["tags"]
@@ -126,11 +128,13 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
     assert "failed in stage 'evaluate'" in p.stderr and "rerun: mgpo run" in p.stderr
     log = Path(p.stderr.split("full log and traceback: ", 1)[1].split()[0])
     assert log.name == "evaluate.log" and "Traceback" in log.read_text()
-    assert executions(state) == {"filter": 1, "train": 1, "register": 1, "evaluate": 1}
+    assert executions(state) == {"filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 1}
     p = run_pipeline(state)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # Filtering, training and registration came from cache; evaluation ran again; promotion ran once.
-    assert executions(state) == {"filter": 1, "train": 1, "register": 1, "evaluate": 2, "baseline": 1, "promote": 1}
+    assert executions(state) == {
+        "filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 2, "baseline": 1, "promote": 1
+    }  # fmt: skip
     rerun, clean = registry_state(state), registry_state(clean_run)
     # The dataset hash covers the samples' image paths, which live under each state folder: compare the rest.
     assert rerun["tags"].pop("mgpo.dataset_hash") == next((state / "datasets").iterdir()).name
@@ -140,7 +144,9 @@ def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean
     # the new pipeline parent run must not invalidate the finished upstream stages.
     p = run_pipeline(state, extra=("evaluation.limit=3",))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert executions(state) == {"filter": 1, "train": 1, "register": 1, "evaluate": 3, "baseline": 2, "promote": 2}
+    assert executions(state) == {
+        "filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 3, "baseline": 2, "promote": 2
+    }  # fmt: skip
 
 
 def _mgpo(*args: str) -> subprocess.CompletedProcess:
@@ -184,7 +190,7 @@ def test_day_two_servers_up_then_rerun_deleted_version_and_moved_state(clean_run
     assert "stage 'register' is stale: model version mgpo-policy v1 is not in the tracking store" in p.stdout + p.stderr
     again = executions(state)
     assert {k: again[k] - after.get(k, 0) for k in again} == {
-        "filter": 0, "train": 0, "register": 1, "evaluate": 1, "baseline": 0, "promote": 1
+        "filter": 0, "train": 0, "select": 0, "register": 1, "evaluate": 1, "baseline": 0, "promote": 1
     }  # fmt: skip
     assert registry_state(state)["champion"] == "2"
     dataset_hash = next((state / "datasets").iterdir()).name
