@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mgpo_core.config import DEFAULT_PRESET
-from tasks.common import input_fingerprint
+from tasks.common import input_fingerprint, load_cfg
 from tasks.console import attach as console_attach
 from tasks.stages import (
     baseline_task,
@@ -38,7 +38,32 @@ def _report_markdown(dataset: dict[str, Any]) -> str:
     return "# Filter report\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in rep.items())
 
 
-@flow(name="mgpo-nightly", log_prints=True)
+def run_name(kind: str):  # noqa: ANN201
+    """A readable flow run name: ``nightly tiny-base-cpu 2026-12-06 02:00`` (kind, preset, scheduled start, UTC)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters or {}
+        when = flow_run.scheduled_start_time
+        stamp = when.strftime("%Y-%m-%d %H:%M") if when else ""
+        return " ".join(filter(None, [kind, params.get("preset") or DEFAULT_PRESET, stamp]))
+
+    return name
+
+
+def _publish(summary: dict, preset: str, overrides: list[str]) -> None:
+    """The summary and link artifacts; a failure to publish them is logged, not fatal (the night's work is done)."""
+    from mgpo_core.ops.tracking import tracking_uri_for
+    from tasks.artifacts import publish
+
+    try:
+        publish(summary, tracking_uri_for(load_cfg(preset, overrides)))
+    except Exception as e:  # noqa: BLE001 - reported; the pipeline's result stands
+        get_run_logger().warning("the summary artifacts were not published: %s: %s", type(e).__name__, e)
+
+
+@flow(name="mgpo-nightly", flow_run_name=run_name("nightly"), log_prints=True)
 def nightly(
     preset: str = DEFAULT_PRESET, overrides: list[str] | None = None, inputs: list[str] | None = None
 ) -> dict:
@@ -72,11 +97,12 @@ def nightly(
         "baseline": base,
         "promotion": promo,
     }
+    _publish(summary, preset, overrides)
     log.info("pipeline done: %s v%s, promoted=%s", reg["model_name"], reg["version"], promo["promoted"])
     return summary
 
 
-@flow(name="mgpo-filter")
+@flow(name="mgpo-filter", flow_run_name=run_name("filter"))
 def filter_flow(
     preset: str = DEFAULT_PRESET, overrides: list[str] | None = None, inputs: list[str] | None = None
 ) -> dict:
@@ -84,7 +110,7 @@ def filter_flow(
     return filter_task(preset, list(overrides or []), inputs, None, input_fingerprint(inputs))
 
 
-@flow(name="mgpo-train")
+@flow(name="mgpo-train", flow_run_name=run_name("train"))
 def train_flow(dataset_dir: str, preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> dict:
     from pathlib import Path
 
@@ -96,7 +122,7 @@ def train_flow(dataset_dir: str, preset: str = DEFAULT_PRESET, overrides: list[s
     )
 
 
-@flow(name="mgpo-select")
+@flow(name="mgpo-select", flow_run_name=run_name("select"))
 def select_flow(
     run_dir: str, eval_path: str | None = None, preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
 ) -> dict:
@@ -120,7 +146,7 @@ def select_flow(
     return select_task(preset, list(overrides or []), train, eval_path, None)
 
 
-@flow(name="mgpo-register")
+@flow(name="mgpo-register", flow_run_name=run_name("register"))
 def register_flow(
     hf_export: str, dataset_hash: str = "", preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
 ) -> dict:
@@ -129,7 +155,7 @@ def register_flow(
     )
 
 
-@flow(name="mgpo-evaluate")
+@flow(name="mgpo-evaluate", flow_run_name=run_name("evaluate"))
 def evaluate_flow(
     model_name: str,
     version: str,
@@ -140,3 +166,19 @@ def evaluate_flow(
 ) -> dict:
     reg = {"model_name": model_name, "version": version, "hf_export": hf_export}
     return evaluate_task(preset, list(overrides or []), reg, eval_path, None)
+
+
+@flow(name="mgpo-promote", flow_run_name=run_name("promote"))
+def promote_flow(
+    model_name: str,
+    version: str,
+    base_score: float | None = None,
+    preset: str = DEFAULT_PRESET,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Promotion alone: ``champion`` moves to the version if it beats the current champion on its evaluation
+    scores in MLflow (with no champion yet: if it beats ``base_score``, the base model's promotion metric)."""
+    overrides = list(overrides or [])
+    metric = load_cfg(preset, overrides).evaluation.promotion_metric
+    baseline = {"metrics": {metric: base_score}} if base_score is not None else None
+    return promote_task(preset, overrides, {"model_name": model_name, "version": version}, {}, baseline)

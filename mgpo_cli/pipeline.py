@@ -104,15 +104,13 @@ def _preflight_passes(cfg, args: argparse.Namespace) -> bool:  # noqa: ANN001
     return True
 
 
-#: Per-benchmark grounding metrics the summary shows next to the scores (docs/USER_GUIDE.md explains them).
-HEADLINE_GROUNDING = ("/grounding/valid_box_ratio", "/grounding/crop_contains_gt")
-
-
 def print_summary(
     summary: dict, state_dir: str, prefect_url: str | None, mlflow_url: str | None, seconds: float
 ) -> None:
+    from tasks.artifacts import champion_line, metric_rows
+
     state = Path(state_dir).resolve()
-    reg, ev, promo = summary["registration"], summary["evaluation"], summary["promotion"]
+    ev, promo = summary["evaluation"], summary["promotion"]
     ds = summary["dataset"]
     print(f"\n══ MGPO pipeline finished in {seconds:.0f} s ══")
     counts = ds.get("report", {}).get("counts", {})
@@ -121,19 +119,14 @@ def print_summary(
         f"dropped {counts.get('dropped')}"
     )
     print(f"training   {summary['train']['steps_done']} RL steps, run dir {summary['train']['run_dir']}")
-    if promo["promoted"]:
-        champ = "this version"
-    else:
-        champ = f"v{promo['champion_before']} (unchanged)" if promo["champion_before"] else "none yet"
-    print(f"model      {reg['model_name']} v{reg['version']} (alias challenger); champion: {champ}")
+    print(f"model      {champion_line(summary)}")
     print(f"           {promo['reason']}")
-    base = (summary.get("baseline") or {}).get("metrics", {})
-    if base:
+    has_base = bool((summary.get("baseline") or {}).get("metrics"))
+    if has_base:
         print(f"{'':11}{'':44}{'base':>8}{'trained':>9}")
-    for k, v in sorted(ev["metrics"].items()):
-        if k.count("/") <= 2 or k.endswith(HEADLINE_GROUNDING):
-            b = f"{base[k]:8.4f}" if k in base else f"{'':8}"
-            print(f"metric     {k:<44}{b} {v:8.4f}" if base else f"metric     {k} = {v:.4f}")
+    for k, b, v in metric_rows(summary):
+        shown = f"{b:8.4f}" if b is not None else f"{'':8}"
+        print(f"metric     {k:<44}{shown} {v:8.4f}" if has_base else f"metric     {k} = {v:.4f}")
     if ev.get("pictures"):
         print(f"pictures   {ev['pictures'][0]}")
     print(
@@ -146,7 +139,9 @@ def print_summary(
 
 def register(sub) -> None:  # noqa: ANN001
 
-    p = sub.add_parser("run", help="run the whole pipeline: filter → train → register → evaluate → promote")
+    p = sub.add_parser(
+        "run", help="run the whole pipeline: filter → train → select → register → evaluate → promote"
+    )
     add_config_args(p)
     p.add_argument(
         "--input",

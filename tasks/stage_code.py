@@ -26,8 +26,8 @@ from pathlib import Path
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("mgpo_core", "tasks", "flows")
 #: Around a stage body but never shaping its result: console output, the execution record and hooks, retries,
-#: the lock that keeps two runs of one key apart.
-SHELL_MODULES = frozenset({"tasks.console", "tasks.hooks", "tasks.retry", "tasks.locks"})
+#: the lock that keeps two runs of one key apart, what the Prefect UI shows.
+SHELL_MODULES = frozenset({"tasks.console", "tasks.hooks", "tasks.retry", "tasks.locks", "tasks.artifacts"})
 
 
 def module_file(name: str, root: Path = SOURCE_ROOT) -> Path | None:

@@ -285,3 +285,118 @@ def test_process_worker_executes_a_run_of_a_deployment_registered_by_mgpo_deploy
     finally:
         stop_process_group(worker.pid, timeout=15.0)
         worker.wait(timeout=10)
+
+
+# ── one deployment per stage flow; the failure automation ──────────────────────────────────────────────────
+STAGE_FLOWS = ("filter_flow", "train_flow", "select_flow", "register_flow", "evaluate_flow", "promote_flow")
+
+
+def stage_specs() -> dict[str, dict]:
+    data = yaml.safe_load(PREFECT_YAML.read_text())
+    return {d["entrypoint"].split(":")[1]: d for d in data["deployments"] if d["name"] != "mgpo-nightly"}
+
+
+def test_every_stage_flow_has_a_deployment_whose_parameters_it_accepts():
+    import inspect
+
+    import flows.nightly as nightly
+
+    specs = stage_specs()
+    assert set(STAGE_FLOWS) <= set(specs), f"stage flows without a deployment: {set(STAGE_FLOWS) - set(specs)}"
+    for fn_name, spec in specs.items():
+        fl = getattr(nightly, fn_name)
+        assert spec["name"] == fl.name, f"deployment {spec['name']} runs flow {fl.name}: name it after the flow"
+        accepted = set(inspect.signature(fl.fn).parameters)
+        assert set(spec["parameters"]) <= accepted, f"{spec['name']}: {set(spec['parameters']) - accepted}"
+        assert "schedules" not in spec, f"{spec['name']}: a stage runs on demand, the nightly on a schedule"
+
+
+@pytest.mark.slow
+def test_prefects_cli_deploys_every_stage_and_a_stage_run_asks_for_its_inputs(prefect_server, prefect_client):
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        prefect_client.create_work_pool(WorkPoolCreate(name="mgpo-process", type="process"))
+    except ObjectAlreadyExists:
+        pass
+    names = [spec["name"] for spec in stage_specs().values()]
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML)]
+    for n in names:
+        cmd += ["--name", n]
+    p = subprocess.run(cmd, env=client_env(PREFECT_API_URL=prefect_server.api), cwd=REPO, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    for n in names:
+        dep = prefect_client.read_deployment_by_name(f"{n}/{n}")
+        assert dep.work_pool_name == "mgpo-process" and not dep.schedules and dep.parameters["preset"]
+    select = prefect_client.read_deployment_by_name("mgpo-select/mgpo-select")
+    assert select.parameter_openapi_schema["required"] == ["run_dir"], "the UI asks for the run directory"
+    evaluate = prefect_client.read_deployment_by_name("mgpo-evaluate/mgpo-evaluate")
+    assert set(evaluate.parameter_openapi_schema["required"]) == {"model_name", "version", "hf_export"}
+
+
+AUTOMATION = REPO / "infra" / "automations" / "nightly-failed.yaml"
+FAILING_NIGHTLY = """
+from prefect import flow
+
+@flow(name="mgpo-nightly")
+def nightly():
+    raise RuntimeError("injected: the nightly fails")
+
+nightly(return_state=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_failure_automation_template_is_accepted_by_prefects_cli_and_notifies(
+    prefect_server, prefect_client, tmp_path
+):
+    """The template, with a real notification block's id, is registered by ``prefect automation create``; a failed
+    run of the nightly flow then makes the server send the notification (to a webhook on loopback)."""
+    import http.server
+    import threading
+
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        block = CustomWebhookNotificationBlock(
+            name="mgpo-test", url=f"http://127.0.0.1:{web.server_port}/notify",
+            json_data={"subject": "{{subject}}", "body": "{{body}}"},
+        )  # fmt: skip
+        with temporary_settings({PREFECT_API_URL: prefect_server.api}):
+            block_id = block.save("mgpo-test-notify", overwrite=True)
+        template = AUTOMATION.read_text()
+        assert template.count("00000000-0000-0000-0000-000000000000") == 1, "the template names one block id"
+        filled = tmp_path / "nightly-failed.yaml"
+        filled.write_text(template.replace("00000000-0000-0000-0000-000000000000", str(block_id)))
+        env = client_env(PREFECT_API_URL=prefect_server.api)
+        cmd = [sys.executable, "-m", "prefect", "automation", "create", "--from-file", str(filled)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "Created automation 'mgpo-nightly-failed'" in p.stdout, p.stdout + p.stderr
+        (auto,) = prefect_client.read_automations_by_name("mgpo-nightly-failed")
+        assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+        assert str(auto.actions[0].block_document_id) == str(block_id)
+
+        run = subprocess.run([sys.executable, "-c", FAILING_NIGHTLY], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert "injected: the nightly fails" in run.stdout + run.stderr, run.stdout + run.stderr
+        wait_for("the failure notification", lambda: received, timeout=180)
+        assert "MGPO nightly" in received[0]["subject"] and "Failed" in received[0]["subject"], received
+        assert "injected: the nightly fails" in received[0]["body"], received
+    finally:
+        web.shutdown()

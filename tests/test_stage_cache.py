@@ -136,7 +136,8 @@ print("CODE " + tasks.__file__)
 
 
 def _snapshot(box: Path) -> Path:
-    """The code both runs import: one copy, so that both compute their keys from the same sources."""
+    """A copy of the code the runs import (so that they compute their keys from the same sources, and a test can
+    edit them)."""
     src = box / "src"
     for pkg in ("mgpo_core", "tasks", "flows", "mgpo_cli"):
         shutil.copytree(SOURCE_ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -201,3 +202,56 @@ def test_two_overlapping_runs_execute_the_stage_once(tmp_path: Path) -> None:
     ran = [json.loads(line)["stage"] for line in (state / "pipeline" / "executions.jsonl").read_text().splitlines()]
     assert ran == ["filter"], f"the filter stage ran {len(ran)} times: {ran}"
     assert not list((state / "prefect" / "locks").glob("*.lock")), "the lock is released"
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+SMALL = [
+    "algorithm.total_steps=2", "algorithm.prompts_per_step=2", "algorithm.mini_batch_prompts=2",
+    "algorithm.micro_batch_size=4", "rollout.n=2", "rollout.engine=hf", "rollout.max_new_tokens_turn1=8",
+    "rollout.max_new_tokens_turn2=4", "rollout.min_pixels=3136", "rollout.max_pixels=12544",
+    "data.synthetic_train=4", "data.synthetic_eval=4", "data.synthetic_width=448", "data.synthetic_height=336",
+    "evaluation.max_new_tokens=8", "evaluation.limit=4", "checkpoint.every_steps=1", "evaluation.min_improvement=-1",
+]  # fmt: skip
+
+
+def _mgpo_run(src: Path, state: Path, fail: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mgpo_cli", "run", "--preset", "tiny-cpu", "--set", f"state_dir={state}"]
+    for s in SMALL:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MGPO_"))}
+    tests_dir = str(Path(__file__).resolve().parent)
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(src), tests_dir, env.get("PYTHONPATH")])),
+               MGPO_TASK_RETRIES="0", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    if fail:
+        env.update(MGPO_STAGE_HOOKS="stage_hooks:fail_stage", MGPO_FAIL_STAGE=fail)
+    return subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True, timeout=1800)
+
+
+def _ran(state: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in (state / "pipeline" / "executions.jsonl").read_text().splitlines():
+        stage = json.loads(line)["stage"]
+        counts[stage] = counts.get(stage, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_a_failed_selection_and_an_evaluation_only_change_rerun_only_what_they_must(tmp_path: Path) -> None:
+    """Selection fails: the rerun selects again without training again. Then the evaluation code changes (in a
+    copy of the sources the runs import): the rerun evaluates, scores the base model and promotes, nothing else."""
+    src, state = _snapshot(tmp_path), tmp_path / "state"
+    p = _mgpo_run(src, state, fail="select")
+    assert p.returncode != 0 and "failed in stage 'select'" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _ran(state) == {"filter": 1, "train": 1, "select": 1}
+    p = _mgpo_run(src, state)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    done = {"filter": 1, "train": 1, "select": 2, "register": 1, "evaluate": 1, "baseline": 1, "promote": 1}
+    assert _ran(state) == done, "the failed selection ran again, training did not"
+    runner = src / "mgpo_core" / "evaluation" / "runner.py"
+    runner.write_text(runner.read_text() + "\n\ndef _an_evaluation_only_change() -> None:\n    pass\n")
+    p = _mgpo_run(src, state)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    again = _ran(state)
+    assert {k: again[k] - done.get(k, 0) for k in again} == {
+        "filter": 0, "train": 0, "select": 0, "register": 0, "evaluate": 1, "baseline": 1, "promote": 1
+    }, again  # fmt: skip
