@@ -117,3 +117,21 @@ def test_published_sets_read_back_in_every_format_with_the_lite_overlap(tmp_path
         assert len(rows) == 16 and len({s.meta["cycle_category"] for s in rows}) == 4
     raw = json.loads(p["train"].read_text())[0]
     assert raw["Answer choices"][0].startswith("(A) ") and raw["Ground truth"] in "ABCD"
+
+
+def test_export_from_a_sharded_base_carries_no_stale_weight_index(like_dir, tmp_path):
+    from mgpo_core.modeling.loading import load_model
+    from mgpo_core.training.checkpoint import check_weight_index, export_hf
+
+    base, _ = like_dir
+    model = load_model(base, dtype="bfloat16")
+    out = export_hf(model, base, tmp_path / "export")
+    for index in out.glob("*.index.json"):
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        assert all((out / n).is_file() for n in names), f"{index.name} names shards the export does not have"
+    check_weight_index(out)
+    assert load_model(out, dtype="float32").get_input_embeddings().weight.shape[0] == 152_064
+    # A directory with a stale index is refused with the fix.
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
+    with pytest.raises(RuntimeError, match="names weight files that are not in"):
+        check_weight_index(out)

@@ -144,22 +144,25 @@ def test_two_ranks_train_checkpoint_and_resume(tmp_path):
     assert p.returncode != 0 and "another config" in p.stderr
 
 
-def test_zero3_bf16_run_exports_a_loadable_hf_checkpoint(tmp_path):
-    from mgpo_core.modeling.loading import load_model
+def test_zero3_bf16_run_from_a_sharded_base_exports_the_trained_weights_and_vllm_loads_them(tmp_path):
+    """From a base laid out as Qwen2.5-VL-7B-Instruct (5 shards + index, 152,064 rows), ZeRO-3 in bf16 trains a
+    step and exports: the export holds the TRAINED weights (compared with DeepSpeed's own fp32 consolidation of
+    the checkpoint, an independent path), no stale index of the base, and loads in transformers and in vLLM."""
+    from safetensors.torch import load_file
 
+    from mgpo_core.modeling.base import base_model_for
+    from mgpo_core.modeling.like import build_like
+    from mgpo_core.modeling.loading import load_model
+    from mgpo_core.training.select import checkpoint_state_dict
+
+    base = build_like(tmp_path / "base", base_model_for(tmp_path / "cache", seed=0))
+    assert len(list(base.glob("model-*-of-*.safetensors"))) >= 3
     run_dir = tmp_path / "z3"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mgpo_core.training.entry",
-        "--config",
-        "tiny-cpu",
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "mgpo_core.training.entry", "--config", "tiny-cpu", "--run-dir", str(run_dir),
+           "--no-progress"]  # fmt: skip
     for s in [
         *SMALL,
+        f"model.path={base}",
         f"state_dir={tmp_path}",
         f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "deepspeed.zero_stage=3",
@@ -169,20 +172,55 @@ def test_zero3_bf16_run_exports_a_loadable_hf_checkpoint(tmp_path):
         "algorithm.prompts_per_step=2",
         "algorithm.mini_batch_prompts=2",
         "algorithm.micro_batch_size=2",
+        "algorithm.kl_coef=0.01",
+        "optimizer.lr=1e-3",
         "rollout.n=2",
         "rollout.max_new_tokens_turn1=4",
         "rollout.max_new_tokens_turn2=2",
         "model.gradient_checkpointing=true",
+        "checkpoint.every_steps=1",
     ]:
         cmd += ["--set", s]
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    p = subprocess.run(cmd, env=dict(env, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, env=dict(env, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
-    model = load_model(run_dir / "hf_export", dtype="float32")
-    assert sum(p.numel() for p in model.parameters()) > 500_000
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    export = run_dir / "hf_export"
+    assert not list(export.glob("*.index.json")) or all(
+        (export / f).is_file()
+        for idx in export.glob("*.index.json")
+        for f in set(json.loads(idx.read_text())["weight_map"].values())
+    ), "the export carries a weight index naming files it does not have"
+    exported: dict[str, torch.Tensor] = {}
+    for f in export.glob("*.safetensors"):
+        exported.update(load_file(f))
+    trained = checkpoint_state_dict(next((run_dir / "checkpoints").glob("step-*")))
+    original = {}
+    for f in base.glob("model-*.safetensors"):
+        original.update(load_file(f))
+    moved = 0
+    for name, want in trained.items():
+        # transformers writes the published checkpoint names: model.language_model.* -> model.*, model.visual.*
+        # -> visual.* (the base's shards use them too).
+        key = name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        got = exported[key].float()
+        # bf16 export of the fp32 master weights: one bf16 rounding (relative 2^-8) apart at most.
+        torch.testing.assert_close(got, want.float().to(torch.bfloat16).float(), rtol=2**-8, atol=0)
+        moved += int(not torch.equal(got, original[key].float()))
+    assert moved > 0.5 * len(trained), f"only {moved} of {len(trained)} tensors differ from the base"
+    model = load_model(export, dtype="float32")
+    assert model.get_input_embeddings().weight.shape[0] == 152_064
+    code = (
+        "import sys; from vllm import LLM, SamplingParams\n"
+        "llm = LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=512,\n"
+        "          kv_cache_memory_bytes=1<<28, limit_mm_per_prompt={'image': 0, 'video': 0})\n"
+        "out = llm.generate({'prompt_token_ids': [151644, 872, 198]}, SamplingParams(max_tokens=2))\n"
+        "print('VLLM_OK', len(out[0].outputs[0].token_ids))\n"
+    )
+    v = subprocess.run([sys.executable, "-c", code, str(export)], env=dict(env, VLLM_LOGGING_LEVEL="ERROR"),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert "VLLM_OK 2" in v.stdout, (v.stdout + v.stderr)[-4000:]
 
 
 def test_launch_streams_the_log_returns_the_manifest_and_reports_failures(tmp_path):
