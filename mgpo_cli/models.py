@@ -25,6 +25,13 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
         source = Path(args.source) if args.source else base_model_for(Path(".mgpo") / "models", seed=args.seed)
         path = build_like(out, source, like=args.like)
+        if args.real_widths:
+            from mgpo_core.modeling.like import build_real_widths
+
+            small = out.with_name(out.name + ".like-small")
+            path.rename(small)
+            path = build_real_widths(out, small, text_layers=args.text_layers, vision_depth=args.vision_depth)
+            shutil.rmtree(small)
         shards = len(list(path.glob("model-*.safetensors")))
         print(f"{path}  (laid out like {args.like}: {shards} shards + index, weights from {source.name})")
         return 0
@@ -69,6 +76,10 @@ def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p.add_argument("--like", choices=["qwen2.5-vl-7b"], default=None,
                    help="lay the directory out as the published checkpoint: sharded weights + index, the real "
                         "vocabulary (152,064 rows), its generation defaults and processor limits")
+    p.add_argument("--real-widths", action="store_true",
+                   help="with --like: the published widths, random weights (the GPU check's shapes)")
+    p.add_argument("--text-layers", type=int, default=28, help="with --real-widths: decoder layers (7B: 28)")
+    p.add_argument("--vision-depth", type=int, default=32, help="with --real-widths: vision blocks (7B: 32)")
     p.add_argument("--from", dest="source", default=None,
                    help="with --like: the small checkpoint whose weights it carries (default: the shipped tiny base)")
     p.set_defaults(func=cmd_build_tiny)

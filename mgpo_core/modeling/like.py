@@ -245,3 +245,51 @@ def like_model_dir(cache_root: str | Path, source_dir: str | Path, like: str = "
 
     final = Path(cache_root) / f"like-{like}-{Path(source_dir).name}"
     return build_atomically(final, lambda tmp: build_like(tmp, source_dir, like=like), is_complete=is_like_complete)
+
+
+QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, rope_theta=1_000_000.0)  # fmt: skip
+QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112)  # fmt: skip
+"""Published widths of Qwen2.5-VL-7B-Instruct (its config.json)."""
+
+
+def build_real_widths(out_dir: str | Path, like_dir: str | Path, *, text_layers: int = 28, vision_depth: int = 32,
+                      seed: int = 0) -> Path:  # fmt: skip
+    """A randomly initialised bf16 checkpoint with Qwen2.5-VL-7B's widths and vocabulary, ``text_layers`` decoder
+    layers and ``vision_depth`` vision blocks (fewer to fit one GPU beside vLLM), the tokenizer and processor
+    files of ``like_dir`` (a ``build_like`` directory), weights in shards with an index. For the GPU check: the
+    recipe's shapes, not its skills (a random model writes no boxes)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    like, out = Path(like_dir), Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(like, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "mgpo_like.json"))
+    base = Qwen2_5_VLConfig.from_pretrained(like)
+    text = base.text_config.to_dict()
+    text.update(QWEN25_VL_7B_TEXT, num_hidden_layers=text_layers, max_window_layers=text_layers)
+    text.pop("layer_types", None)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
+    vision = base.vision_config.to_dict()
+    full = [i for i in QWEN25_VL_7B_VISION["fullatt_block_indexes"] if i < vision_depth] or [vision_depth - 1]
+    vision.update(QWEN25_VL_7B_VISION, depth=vision_depth, fullatt_block_indexes=full)
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=base.image_token_id,
+        video_token_id=base.video_token_id, vision_start_token_id=base.vision_start_token_id,
+        vision_end_token_id=base.vision_end_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(out, max_shard_size=max(1, size // 4))  # >= 4 shards and an index, as published
+    (out / "mgpo_like.json").write_text(json.dumps({"like": "qwen2.5-vl-7b", "real_widths": True,
+                                                    "text_layers": text_layers, "vision_depth": vision_depth}))  # fmt: skip
+    return out
