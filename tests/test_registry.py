@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
+from answering_model import answering_model, check_letters, library_answers, row
 from mlflow.tracking import MlflowClient
 
 from mgpo_core.ops.registry import CHALLENGER, CHAMPION, promote_if_better, register_checkpoint, tag_scores
@@ -14,7 +16,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def store(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(uri).create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri
 
 
 def _copy_with_change(src, dst, byte: int):  # noqa: ANN001, ANN202
@@ -83,15 +89,34 @@ def test_first_champion_must_beat_the_base_model(tiny_dir, store):
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == a.version
 
 
-def test_registered_model_loads_and_answers(tiny_dir, store, synthetic_samples):
+def test_registered_model_loads_and_answers(store, tmp_path, monkeypatch):
+    """A registered version is code, not a pickle (it loads where pickle loading is disallowed), ships the project's
+    code, a signature, an input example and real requirements, and answers: letters, right well above chance, and
+    the same letters as the library's own greedy two-turn inference on the same questions."""
     import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model
 
-    v = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags={})
+    from mgpo_core.ops.registry import register_checkpoint
+
+    model_dir, samples = answering_model(tmp_path / "answering")
+    v = register_checkpoint(model_dir, tracking_uri=store, model_name="m", experiment="e", tags={})
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     mlflow.set_tracking_uri(store)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/m/{v.version}", dst_path=str(tmp_path / "dl")))
+    meta = Model.load(local)
+    assert not list(local.rglob("*.pkl"))
+    assert meta.flavors["python_function"]["model_code_path"].endswith("policy_model_code.py")
+    assert (local / "code" / "mgpo_core" / "ops" / "policy_model.py").is_file()
+    assert not (local / "code" / "mgpo_core" / "modeling" / "weights").exists()
+    assert meta.signature is not None and "image" in meta.signature.inputs.input_names()
+    assert (local / "serving_input_example.json").is_file()
+    requirements = (local / "requirements.txt").read_text()
+    assert "mgpo-pipeline" not in requirements and "torch==" in requirements
     model = mlflow.pyfunc.load_model(f"models:/m/{v.version}")
-    s = synthetic_samples[0]
-    out = model.predict([{"image_path": s.image_path, "question": s.question, "choices": list(s.choices)}])
-    assert len(out) == 1 and (out[0] is None or out[0] in "ABCDEFGH")
+    answers = list(model.predict(pd.DataFrame([row(s, encode=False) for s in samples])))
+    check_letters(answers, samples)
+    assert answers == library_answers(model_dir, samples)
 
 
 def test_versions_registered_before_the_ops_package_still_unpickle() -> None:

@@ -1,9 +1,12 @@
 """Model registry on MLflow: register an HF checkpoint as a model version, tag its lineage, champion/challenger.
 
-A checkpoint directory is logged as an MLflow pyfunc model whose artifact IS the Hugging Face directory (MLflow 3
-refuses to register a plain artifact directory). Every new version gets the alias ``challenger``; ``champion``
-moves only when the version beats the current champion on the configured metric. Registration is idempotent:
-registering the same checkpoint (same content digest) again returns the existing version.
+A checkpoint directory is logged as the servable policy model (:mod:`mgpo_core.ops.policy_model`: MLflow "models
+from code" with a signature, an input example, the ``mgpo_core`` code and pinned requirements) whose
+``hf_checkpoint`` artifact IS the Hugging Face directory, so ``mlflow models serve -m models:/NAME@champion``
+answers requests and ``models:/NAME@ALIAS`` can start a training or an evaluation
+(:mod:`mgpo_core.modeling.source`). Every new version gets the alias ``challenger``; ``champion`` moves only when
+the version beats the current champion on the configured metric. Registration is idempotent: registering the
+same checkpoint (same content digest) again returns the existing version.
 """
 
 from __future__ import annotations
@@ -19,47 +22,77 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mgpo_core.ops.policy_model import MGPOPolicyModel
+
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DIGEST_TAG = "mgpo.checkpoint_digest"
 
 
-class HFCheckpointModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper of an MGPO policy checkpoint: answers multiple-choice questions about images, two turns.
+class HFCheckpointModel(MGPOPolicyModel):
+    """The class pickled into model versions registered before models from code (``python_model.pkl`` names it
+    here or at ``mgpo_core.registry``): they still load (where pickle loading is allowed) and answer like new
+    versions, including the rule that an ``image_path`` is read only under the configured image root."""
 
-    Input: a DataFrame (or list of dicts) with ``image_path``, ``question``, ``choices`` (list of strings).
-    Output: the predicted letters (greedy MGPO two-turn inference with the HF engine).
+
+#: What the model's code needs at inference (the training-only packages, DeepSpeed and vLLM, stay out).
+SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pydantic",
+                        "pyyaml", "numpy", "tqdm", "pyarrow")
+
+
+def serving_requirements() -> list[str]:
+    """Pins of :data:`SERVING_REQUIREMENTS` at the installed versions, local labels (``+cpu``) dropped so that
+    any platform's build of the same release satisfies them (the model names no package of this project: its
+    code is shipped with it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for dist in SERVING_REQUIREMENTS:
+        try:
+            pins.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(dist)
+    return pins
+
+
+def _stage_code(into: Path) -> Path:
+    """A copy of the ``mgpo_core`` package to ship with the model: sources and presets, without caches or the
+    shipped tiny weights (a registered model carries its own checkpoint)."""
+    import shutil
+
+    import mgpo_core
+
+    src = Path(mgpo_core.__file__).parent
+    dst = into / "mgpo_core"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "weights"))
+    return dst
+
+
+def log_policy_model(hf_dir: str | Path, *, registered_model_name: str | None = None, name: str = "model") -> Any:
+    """Log ``hf_dir`` into the active run as the servable policy (models from code, signature, input example,
+    ``mgpo_core`` as ``code_paths``); returns MLflow's ``ModelInfo``.
+
+    MLflow checks the input example by loading the model and answering it once before it returns, so a version
+    that cannot answer is seen at registration (a warning from MLflow), not by its first client.
     """
+    import tempfile
 
-    def load_context(self, context) -> None:  # noqa: ANN001
-        self.model_dir = context.artifacts["hf_checkpoint"]
-        self._engine = None
+    from mgpo_core.ops import policy_model
 
-    def _engine_for(self):  # noqa: ANN202
-        if self._engine is None:
-            from mgpo_core.config import load_config
-            from mgpo_core.modeling.loading import load_bundle
-            from mgpo_core.rollout.hf import HFRolloutEngine
-
-            own = Path(self.model_dir) / "mgpo_config.yaml"  # the training run's prompts, written at export
-            cfg = load_config(own if own.exists() else "tiny-cpu")
-            b = load_bundle(self.model_dir)
-            self._engine = HFRolloutEngine.for_bundle(b, cfg)
-        return self._engine
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        from mgpo_core.data.schema import LETTERS, Sample
-        from mgpo_core.reward import last_boxed, normalize_choice
-
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        samples = [
-            Sample(id=str(i), image_path=r["image_path"], question=r["question"], choices=tuple(r["choices"]),
-                   answer=LETTERS[0])
-            for i, r in enumerate(rows)
-        ]
-        episodes = self._engine_for().generate_episodes(samples, n=1, greedy=True)
-        return [normalize_choice(last_boxed(ep.turn2_text) or "") for ep in episodes]
+    code_file = Path(policy_model.__file__).with_name("policy_model_code.py")
+    with tempfile.TemporaryDirectory(prefix="mgpo-model-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code_file),
+            code_paths=[str(_stage_code(Path(tmp)))],
+            artifacts={"hf_checkpoint": str(hf_dir)},
+            signature=policy_model.SIGNATURE,
+            model_config={"image_root": ""},  # set at load (model_config=) or by MGPO_SERVING_IMAGE_ROOT when serving
+            input_example=policy_model.input_example(),
+            registered_model_name=registered_model_name,
+            pip_requirements=serving_requirements(),
+        )
 
 
 def checkpoint_digest(hf_dir: str | Path) -> str:
@@ -121,13 +154,7 @@ def register_checkpoint(
     run_tags = {"mgpo.stage": "register", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{digest[:8]}", tags=run_tags) as run:
         mlflow.set_tags(tags)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=HFCheckpointModel(),
-            artifacts={"hf_checkpoint": str(hf_dir)},
-            registered_model_name=model_name,
-            pip_requirements=["mgpo-pipeline"],
-        )
+        info = log_policy_model(hf_dir, registered_model_name=model_name)
     version = str(info.registered_model_version)
     for k, v in {**tags, DIGEST_TAG: digest}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
