@@ -9,12 +9,17 @@
 # password is read from MLFLOW_ADMIN_PASSWORD_FILE, never from the command line); the database password reaches
 # MLflow through the environment (MLFLOW_BACKEND_STORE_URI), not argv, so `ps` does not show it.
 # MLFLOW_AUTH=off (a trusted, isolated network only) runs without authentication.
+# MLFLOW_BACKEND_STORE_URI, when set, replaces the PostgreSQL URI built from POSTGRES_HOST / MLFLOW_DB_PASSWORD
+# (another database; tests/test_security_servers.py runs this script on SQLite).
 set -euo pipefail
-: "${POSTGRES_HOST:?}" "${MLFLOW_DB_PASSWORD:?}" "${MLFLOW_ARTIFACTS_DESTINATION:?}"
+: "${MLFLOW_ARTIFACTS_DESTINATION:?}"
 export MLFLOW_DISABLE_TELEMETRY=true
 # The GenAI job runner forks consumer processes this pipeline never uses.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-export MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:${MLFLOW_DB_PASSWORD}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/mlflow"
+if [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ]; then
+  : "${POSTGRES_HOST:?}" "${MLFLOW_DB_PASSWORD:?}"
+  export MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:${MLFLOW_DB_PASSWORD}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/mlflow"
+fi
 auth=()
 if [ "${MLFLOW_AUTH:-on}" != "off" ]; then
   : "${MLFLOW_ADMIN_PASSWORD_FILE:?set it to a file (mode 0600) holding the admin password, or MLFLOW_AUTH=off}"
@@ -30,6 +35,16 @@ if [ "${MLFLOW_AUTH:-on}" != "off" ]; then
     echo "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
   } > "$conf"
   export MLFLOW_AUTH_CONFIG_PATH="$conf"
+  # The auth app signs its CSRF tokens with this key and refuses to start without it. Several server processes
+  # behind one address must share it (MLFLOW_FLASK_SECRET_KEY_FILE); one server may draw a fresh one per start.
+  if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+    if [ -n "${MLFLOW_FLASK_SECRET_KEY_FILE:-}" ]; then
+      MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "${MLFLOW_FLASK_SECRET_KEY_FILE}")"
+    else
+      MLFLOW_FLASK_SERVER_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_hex(32))')"
+    fi
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
   auth=(--app-name basic-auth)
 fi
 exec mlflow server "${auth[@]}" \

@@ -8,9 +8,13 @@
 # (`user:password`; clients and workers set PREFECT_API_AUTH_STRING to the same value). Whoever reaches an
 # unauthenticated Prefect API can start flow runs with any parameters and job variables.
 # PREFECT_AUTH=off (a trusted, isolated network only) runs without it.
+# PREFECT_SERVER_DATABASE_CONNECTION_URL, when set, replaces the PostgreSQL URL built from POSTGRES_HOST /
+# PREFECT_DB_PASSWORD (another database; tests/test_security_servers.py runs this script on SQLite).
 set -euo pipefail
-: "${POSTGRES_HOST:?}" "${PREFECT_DB_PASSWORD:?}"
-export PREFECT_SERVER_DATABASE_CONNECTION_URL="postgresql+asyncpg://prefect:${PREFECT_DB_PASSWORD}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/prefect"
+if [ -z "${PREFECT_SERVER_DATABASE_CONNECTION_URL:-}" ]; then
+  : "${POSTGRES_HOST:?}" "${PREFECT_DB_PASSWORD:?}"
+  export PREFECT_SERVER_DATABASE_CONNECTION_URL="postgresql+asyncpg://prefect:${PREFECT_DB_PASSWORD}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/prefect"
+fi
 export PREFECT_SERVER_API_HOST="${PREFECT_HOST:-127.0.0.1}"
 export PREFECT_SERVER_API_PORT="${PREFECT_PORT:-4200}"
 if [ "${PREFECT_AUTH:-on}" != "off" ]; then
