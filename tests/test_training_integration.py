@@ -357,12 +357,44 @@ def test_checkpoint_selection_evaluates_every_kth_checkpoint_logs_the_curve_and_
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-000002", "step-000003"], "every 2nd checkpoint survives keep_last=1"
     sel = _select_checkpoint(cfg, run_dir, manifest, None)
-    assert sorted(sel.curve) == [2, 3] and sel.best_step == max(sel.curve, key=lambda s: (sel.curve[s], s))
+    assert sorted(sel.curve) == [2, 3] and sel.best_step in (2, 3)
     hist = client.get_metric_history(run_id, "select/eval/synthetic/overall")
-    assert sorted(h.step for h in hist) == [2, 3], "the curve is on the training run"
+    assert {h.step: h.value for h in hist} == pytest.approx(sel.curve), "the curve is on the training run"
     exported = load_model(run_dir / "selection" / "step-000002")  # the converted DeepSpeed checkpoint loads
     final = load_model(run_dir / "hf_export")
     differs = [n for (n, a), (_, b) in zip(exported.named_parameters(), final.named_parameters(), strict=True)
                if not torch.equal(a, b)]  # fmt: skip
     assert differs, "step 2's weights are not the final ones"
     assert json.loads((run_dir / "selection.json").read_text())["best_step"] == sel.best_step
+    _selection_picks_the_known_best(cfg, run_dir, manifest)
+
+
+def _selection_picks_the_known_best(cfg, run_dir: Path, manifest: dict) -> None:  # noqa: ANN001
+    """The same run's checkpoints under curves with a known best: the evaluation callback first finds, by the
+    weights, which training step the directory it is handed holds, then returns that step's score on the curve."""
+    from mgpo_core.modeling.loading import load_model
+    from mgpo_core.modeling.source import model_dir_for
+    from mgpo_core.training.select import checkpoint_state_dict, select_checkpoint
+
+    states = {s: checkpoint_state_dict(run_dir / "checkpoints" / f"step-{s:06d}") for s in (2, 3)}
+
+    def step_of(hf_dir: Path) -> int:
+        params = dict(load_model(hf_dir, dtype="float32").named_parameters())
+        same = {s: all(torch.equal(p, st[n].float()) for n, p in params.items()) for s, st in states.items()}
+        hits = [s for s, equal in same.items() if equal]
+        assert len(hits) == 1, f"{hf_dir} holds the weights of steps {hits}"
+        return hits[0]
+
+    seen: list[int] = []
+    for curve, best in [({2: 0.75, 3: 0.25}, 2), ({2: 0.25, 3: 0.5}, 3), ({2: 0.5, 3: 0.5}, 3)]:
+
+        def scores(hf_dir: Path, out: Path, curve=curve) -> dict[str, float]:
+            seen.append(step_of(hf_dir))
+            return {cfg.evaluation.promotion_metric: curve[seen[-1]]}
+
+        sel = select_checkpoint(cfg, run_dir, Path(manifest["hf_export"]), base_dir=model_dir_for(cfg),
+                                evaluate_dir=scores)  # fmt: skip
+        assert (sel.best_step, sel.curve) == (best, curve), "peak then decay: the peak; a tie: the later step"
+        assert step_of(sel.best_dir) == best
+        assert json.loads((run_dir / "selection.json").read_text())["best_step"] == best
+    assert seen == [2, 3] * 3, "every candidate evaluated once per selection, in step order"
