@@ -60,6 +60,12 @@ def servers_dir(state_dir: str | Path) -> Path:
     return Path(state_dir).resolve() / "servers"
 
 
+def prefect_database_url(state_dir: str | Path) -> str:
+    """The state folder's one Prefect database: the local server's, and the ephemeral API's when no server runs,
+    so runs made before ``mgpo servers up`` are in its UI (one history, as MLflow has one store)."""
+    return f"sqlite+aiosqlite:///{servers_dir(state_dir) / 'prefect' / 'prefect.db'}"
+
+
 def record_path(state_dir: str | Path) -> Path:
     return servers_dir(state_dir) / "servers.json"
 
@@ -217,7 +223,7 @@ def server_command(
         home = root
         env.update(
             PREFECT_HOME=str(home),
-            PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=prefect_database_url(state_dir),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",  # its telemetry row races SQLite at start-up
             # The UI builds its API address from these settings, not from --port.
             PREFECT_SERVER_API_HOST=HOST,
@@ -404,6 +410,9 @@ def apply_prefect_env(
     url = active_endpoints(state_dir).prefect_api_url
     if url:
         wanted["PREFECT_API_URL"] = url
+    else:  # the ephemeral API writes the database the local server serves
+        (servers_dir(state_dir) / "prefect").mkdir(parents=True, exist_ok=True)
+        wanted["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url(state_dir)
     applied = {k: v for k, v in wanted.items() if not env.get(k)}
     env.update(applied)
     return applied
