@@ -92,6 +92,10 @@ class DataConfig(_Section):
     image_root: str | None = None
     """Folder that relative image paths of the raw inputs start from (default: each input file's own folder).
     MME-RealWorld publishes its images apart from its JSON: `--set data.image_root=/data/mme-realworld/images`."""
+    validation_rows: int = Field(0, ge=0)
+    """Rows of the filtered training data the filter stage holds out as a validation split
+    (``<dataset>/validation.jsonl``, chosen by a hash of ``shuffle_seed`` and the row id; never trained on):
+    what checkpoint selection scores with ``checkpoint.select_on: [validation]``. 0 = none."""
     synthetic_train: int = Field(64, ge=0)
     """Number of synthetic training samples generated when `train_path` is None."""
     synthetic_eval: int = Field(32, ge=0)

@@ -31,6 +31,7 @@ REHEARSAL_SCALE_KEYS: dict[str, str] = {
     "algorithm.total_steps": "steps",
     "checkpoint.every_steps": "steps",
     "checkpoint.select_every": "steps",
+    "data.validation_rows": "rows held out for checkpoint selection (of 48 training rows, not 21,690)",
     "evaluation.limit": "questions per benchmark",
     "evaluation.max_new_tokens": "token cap",
     "evaluation.data_paths": "where the published-format files are (the recipe's user names them too)",

@@ -58,6 +58,11 @@ class MGPOConfig(_Section):
                                 "functions, which 'eager' is not", self.model.attn_implementation,
                                 "set model.attn_implementation=sdpa, or algorithm.shared_prompt=false",
                                 "model.attn_implementation")
+        if "validation" in self.checkpoint.select_on and not self.data.validation_rows:
+            raise _FieldProblem("selects on the validation split, which data.validation_rows=0 never holds out",
+                                self.checkpoint.select_on,
+                                "set data.validation_rows (e.g. 500) or name benchmarks with data instead",
+                                "checkpoint.select_on")  # fmt: skip
         check_safe_values(self)
         return self
 

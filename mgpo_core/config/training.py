@@ -118,3 +118,12 @@ class CheckpointConfig(_Section):
     """Checkpoint selection: keep every k-th checkpoint, and after training evaluate each (and the last) on the
     configured benchmarks (greedy, `evaluation.limit`), log `select/<promotion metric>` per step to the training
     run, and register the best one (its step is in the lineage tags). 0 = off: the last checkpoint is registered."""
+    select_on: list[str] = []
+    """Benchmarks checkpoint selection scores each candidate on, the selection metric being
+    ``eval/<first>/overall``; empty = `evaluation.benchmarks` with `evaluation.promotion_metric`. ``validation``
+    is the split the filter stage holds out of the training data (`data.validation_rows`): selecting on the
+    benchmarks the model is then scored on would report a maximum over checkpoints, not a held-out score."""
+
+    def selection_metric(self, promotion_metric: str) -> str:
+        """The metric the best checkpoint maximises."""
+        return f"eval/{self.select_on[0]}/overall" if self.select_on else promotion_metric

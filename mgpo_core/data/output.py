@@ -190,6 +190,7 @@ def write_dataset(
     pass_rate: dict[str, Any] | None,
     timing: dict[str, float],
     eval_overlap: dict[str, Any] | None = None,
+    validation: list[tuple[DataRow, str | None]] | None = None,
 ) -> FilterResult:
     """Write the dataset directory atomically (an existing one with the same hash is replaced whole)."""
     from mgpo_core.config import config_hash
@@ -197,7 +198,10 @@ def write_dataset(
     data = "".join(_sample_line(row, sha) for row, sha in kept).encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()  # of the file as written (validation checks it)
     name = dataset_content_hash(kept, Path(cfg.state_dir))
-    report = build_report(name, len(kept), drops, inputs, notes, pass_rate, timing, eval_overlap)
+    report = build_report(name, len(kept) + len(validation or []), drops, inputs, notes, pass_rate, timing,
+                          eval_overlap)  # fmt: skip
+    if validation:  # kept rows = training rows + the held-out validation rows; every input row accounted for
+        report["counts"].update(train=len(kept), validation=len(validation))
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "dataset_hash": name,
@@ -208,7 +212,9 @@ def write_dataset(
             "dropped": "dropped.jsonl",
             "report": "report.json",
             "report_markdown": "report.md",
+            **({"validation": "validation.jsonl"} if validation else {}),
         },
+        "validation_rows": len(validation or []),
         "counts": report["counts"],
         "inputs": inputs,
         "config_hash": config_hash(cfg),
@@ -227,6 +233,9 @@ def write_dataset(
     tmp.mkdir()
     try:
         (tmp / "samples.jsonl").write_bytes(data)
+        if validation:  # held out of training (data.validation_rows): what checkpoint selection scores
+            (tmp / "validation.jsonl").write_text("".join(_sample_line(r, sha) for r, sha in validation),
+                                                  encoding="utf-8")  # fmt: skip
         (tmp / "dropped.jsonl").write_text(
             "".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in drops), encoding="utf-8"
         )

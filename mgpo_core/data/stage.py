@@ -115,6 +115,23 @@ def _default_root(spec: InputSpec) -> Path:
     return (p if p.is_dir() else p.parent).resolve()
 
 
+def hold_out_validation(kept: list, n: int, seed: int) -> tuple[list, list]:
+    """``(train, validation)``: the ``n`` kept rows with the smallest hash of (seed, row id) are held out, the
+    rest keep their order. Deterministic, independent of input order; refuses to hold out everything."""
+    import hashlib
+
+    if n >= len(kept):
+        raise ValueError(
+            f"data.validation_rows={n} would hold out all {len(kept)} kept rows; lower it below {len(kept)}"
+        )
+
+    def rank(k) -> str:  # noqa: ANN001
+        return hashlib.sha256(f"{seed}:{k.row.sample.id}".encode()).hexdigest()
+
+    chosen = {id(k) for k in sorted(kept, key=rank)[:n]}
+    return [k for k in kept if id(k) not in chosen], [k for k in kept if id(k) in chosen]
+
+
 def run_filter_stage(
     cfg: MGPOConfig,
     inputs: Sequence[InputSpec | str | Path],
@@ -170,10 +187,14 @@ def run_filter_stage(
     pass_rate_summary: dict[str, Any] | None = None
     if f.pass_rate and kept:
         kept, pass_rate_summary = _apply_pass_rate(cfg, kept, engine, drops, progress)
+    held: list = []
+    if cfg.data.validation_rows and kept:
+        kept, held = hold_out_validation(kept, cfg.data.validation_rows, cfg.data.shuffle_seed)
     return write_dataset(
         cfg,
         Path(out_root),
         kept=[(k.row, k.sha256) for k in kept],
+        validation=[(k.row, k.sha256) for k in held],
         drops=drops,
         inputs=per_input,
         notes=dict(run.notes),

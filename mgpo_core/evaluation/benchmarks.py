@@ -12,12 +12,14 @@ from __future__ import annotations
 import difflib
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mgpo_core.data.schema import Sample
 from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_options, write_synthetic_split
 from mgpo_core.evaluation.scoring import (
+    Outcome,
+    accuracy,
     hrbench_scores,
     mme_realworld_scores,
     synthetic_scores,
@@ -185,6 +187,26 @@ def _synthetic_labels(sample: Sample) -> Mapping[str, str]:
     return {"category": sample.category} if sample.category else {}
 
 
+# -------------------------------------------------------------------------------- validation
+
+VALIDATION_HINT = (
+    "the validation split the filter stage holds out of the training data (data.validation_rows > 0 writes "
+    "<dataset>/validation.jsonl); checkpoint selection passes it"
+)
+
+
+def _read_validation(ctx: ReadContext) -> list[Sample]:
+    path = _need_path(ctx, "validation", VALIDATION_HINT)
+    path = path / "validation.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark 'validation': {str(path)!r} does not exist; {VALIDATION_HINT}")
+    return read_samples_jsonl(path)
+
+
+def _validation_scores(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    return accuracy(outcomes)
+
+
 BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
     BenchmarkSpec(
         name="vstar",
@@ -229,6 +251,15 @@ BUILTIN_BENCHMARKS: tuple[BenchmarkSpec, ...] = (
         aggregate=mme_realworld_scores,
         prompt=strip_inline_choices,
         data_hint=MME_HINT,
+    ),
+    BenchmarkSpec(
+        name="validation",
+        description="The validation split held out of the training data (checkpoint selection): accuracy",
+        read=_read_validation,
+        labels=lambda sample: {},
+        aggregate=_validation_scores,
+        prompt=strip_inline_choices,
+        data_hint=VALIDATION_HINT,
     ),
     BenchmarkSpec(
         name="synthetic",

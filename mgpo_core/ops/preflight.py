@@ -342,10 +342,14 @@ def check_disk(cfg: Any, *, free_bytes: int | None = None) -> Check:
 
 
 def check_tracking(cfg: Any) -> Check:
+    from mgpo_core.config.secrets import redact
     from mgpo_core.ops.tracking import tracking_uri_for
 
     uri = tracking_uri_for(cfg)
-    shown = _redact_uri(uri)
+    shown = redact(uri)
+    # Seconds, not MLflow's minutes of retries with back-off: an unreachable store is the finding.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
         from mlflow.tracking import MlflowClient
 
@@ -361,20 +365,15 @@ def check_tracking(cfg: Any) -> Check:
         client.set_experiment_tag(exp_id, "mgpo.preflight", "ok")
     except Exception as e:  # noqa: BLE001 - any failure to reach or write the store is the finding
         return Check("tracking", "fail", f"the MLflow store {shown} cannot be reached or written: "
-                     f"{type(e).__name__}: {str(e)[:200]}",
+                     f"{type(e).__name__}: {redact(str(e))[:300]}",
                      "start it (mgpo servers up), fix tracking.mlflow_tracking_uri, or check its credentials")  # fmt: skip
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return Check("tracking", "ok", f"MLflow store {shown} answers and takes writes")
-
-
-def _redact_uri(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 def check_memory(cfg: Any, *, gpu_bytes: int | None = None) -> Check:
@@ -418,6 +417,14 @@ def run_preflight(
     cfg: Any, inputs: Sequence[str] = (), *, eval_path: str | None = None, skip: Sequence[str] = ()
 ) -> list[Check]:
     """All checks, in the order above; ``skip`` names checks not to run (e.g. ``hosts`` in a test)."""
+    from mgpo_core.modeling.source import is_registry_uri, model_dir_for
+
+    if is_registry_uri(cfg.model.path):  # a registered version (models:/...): check the checkpoint it resolves to
+        try:
+            local = str(model_dir_for(cfg))
+        except ValueError as exc:
+            return [Check("model", "fail", str(exc), "name an existing registered version, or a local directory")]
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": local})})
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("model", lambda: check_model_dir(cfg.model.path)),
         ("attention", lambda: check_attention(cfg)),

@@ -96,7 +96,7 @@ def select_checkpoint(
     the curve (the pipeline logs it to the training run). ``<run_dir>/selection.json`` records the outcome.
     """
     every = cfg.checkpoint.select_every
-    metric = cfg.evaluation.promotion_metric
+    metric = cfg.checkpoint.selection_metric(cfg.evaluation.promotion_metric)
     cands = candidate_checkpoints(run_dir / "checkpoints", every)
     if not cands:
         raise RuntimeError(f"checkpoint selection: no complete checkpoint in {run_dir / 'checkpoints'}")
@@ -110,8 +110,9 @@ def select_checkpoint(
         metrics = evaluate_dir(hf, run_dir / "selection" / f"eval-{path.name}")
         if metric not in metrics:
             raise RuntimeError(
-                f"checkpoint selection: the evaluation gave no {metric!r} (evaluation.promotion_metric); it gave "
-                f"{sorted(metrics)[:8]} - set evaluation.promotion_metric to one of the configured benchmarks'"
+                f"checkpoint selection: the evaluation gave no {metric!r} (checkpoint.select_on, else "
+                f"evaluation.promotion_metric); it gave {sorted(metrics)[:8]} - set it to one of the evaluated "
+                "benchmarks'"
             )
         curve[step], dirs[step] = float(metrics[metric]), hf
         log.info("checkpoint selection: step %d %s = %.4f", step, metric, curve[step])
