@@ -284,8 +284,10 @@ def _select_checkpoint(cfg, run_dir: Path, manifest: dict, eval_path: str | None
         engine = make_engine(cfg, str(hf_dir))
         metrics: dict[str, float] = {}
         try:
-            for bench in cfg.evaluation.benchmarks:
+            for bench in cfg.checkpoint.select_on or cfg.evaluation.benchmarks:
                 data_path = cfg.evaluation.data_paths.get(bench) or (eval_path if bench == "synthetic" else None)
+                if bench == "validation":  # the split the filter stage held out of this run's training data
+                    data_path = str(Path(cfg.state_dir) / "datasets" / manifest["dataset_hash"] / "validation.jsonl")
                 res = evaluate(cfg, bench, engine, out / bench, limit=cfg.evaluation.limit, mode=cfg.evaluation.mode,
                                data_path=data_path, progress=False)  # fmt: skip
                 metrics.update(res.prefixed())
