@@ -3,6 +3,7 @@ and log the metrics to MLflow (optionally attached to a registered model version
 
     mgpo eval --benchmark vstar --data /data/vstar --mode mgpo --limit 50 --engine auto --out runs/eval
     mgpo eval --benchmark synthetic --mode direct --set evaluation.direct_max_pixels=1003520
+    mgpo eval --model models:/mgpo-policy@champion --benchmark synthetic   # a registered version, fetched from MLflow
 
 Without --benchmark the config's `evaluation.benchmarks` run; each writes into `<out>/<benchmark>-<mode>/`.
 """
@@ -30,6 +31,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mgpo_core.rollout.factory import build_rollout_engine
 
     cfg = load_from_args(args)
+    if args.model is not None:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": args.model})})
+    if args.tracking_uri:  # the store a models:/ URI is resolved in is the one the results go to
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"mlflow_tracking_uri": args.tracking_uri})})
     names = args.benchmark or list(cfg.evaluation.benchmarks)
     if args.data is not None and len(names) != 1:
         print(
@@ -74,7 +79,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.out
         else Path(cfg.state_dir) / "eval" / f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    engine = build_rollout_engine(cfg, args.engine)
+    from mgpo_core.modeling.loading import ModelPathError
+    from mgpo_core.modeling.source import base_model_lineage
+
+    try:
+        lineage = base_model_lineage(cfg)  # a registry URI is resolved (and fetched) here, once
+        engine = build_rollout_engine(cfg, args.engine)
+    except ModelPathError as exc:
+        print(f"mgpo eval: {exc}", file=sys.stderr)
+        return 2
     results = []
     try:
         for spec in specs:
@@ -99,6 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "out": str(out_root),
         "metrics": {k: v for r in results for k, v in r.prefixed().items()},
+        "model": lineage,
     }
     if not args.no_mlflow:
         from mgpo_core.ops.eval_log import log_eval_results
@@ -115,6 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             model_version=args.model_version,
             artifact_location=artifact_root(cfg.state_dir, uri),
+            extra_tags={k.replace("mgpo.base_model", "mgpo.eval.model_source"): v for k, v in lineage.items()},
         )
         report["mlflow_tracking_uri"] = uri
     print(json.dumps(report, indent=2))
@@ -164,6 +179,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--engine", choices=["hf", "vllm", "auto"], default=None, help="default rollout.engine")
     p.add_argument(
         "--out", default=None, metavar="DIR", help="output folder (default <state_dir>/eval/<run>-<time>)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR_OR_URI",
+        help="the model to evaluate: a Hugging Face checkpoint directory, or a registered version "
+        "models:/NAME@ALIAS or models:/NAME/VERSION (fetched from the tracking store); default model.path",
     )
     p.add_argument(
         "--model-name", default=None, help="registered model whose version gets the metrics as tags"

@@ -37,18 +37,13 @@ def _start_child_run(cfg, parent_run_id: str | None, name: str, stage: str) -> s
     """An MLflow run nested under the pipeline run (so the lineage is browsable in the UI)."""
     from mlflow.tracking import MlflowClient
 
-    from mgpo_core.ops.tracking import artifact_root
+    from mgpo_core.ops.tracking import artifact_root, ensure_experiment, source_tags
 
     client = MlflowClient(tracking_uri_for(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(
-            cfg.tracking.experiment_name, artifact_location=artifact_root(cfg.state_dir, tracking_uri_for(cfg))
-        )
+    exp_id = ensure_experiment(  # tagged as model training: MLflow 3's UI opens it in that view
+        client, cfg.tracking.experiment_name, artifact_root(cfg.state_dir, tracking_uri_for(cfg))
     )
-    tags = {"mgpo.stage": stage}
+    tags = {"mgpo.stage": stage, **source_tags(f"mgpo {stage}")}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
@@ -161,6 +156,10 @@ def _log_filter_run(cfg, parent_run_id: str, result) -> None:  # noqa: ANN001
     for k, v in result.report.get("dropped_by_reason", {}).items():
         client.log_metric(run_id, f"data/dropped/{k}", float(v))
     client.set_tag(run_id, "mgpo.dataset_hash", result.dataset_dir.name)
+    from mgpo_core.ops.tracking import log_dataset_input
+
+    log_dataset_input(tracking_uri_for(cfg), run_id, name="train", digest=result.dataset_dir.name,
+                      source=str(result.dataset_dir), context="filter-output", profile=result.report.get("counts"))
     for f in result.dataset_dir.glob("report*"):
         client.log_artifact(run_id, str(f), "filter_report")
     client.set_terminated(run_id)
@@ -199,6 +198,10 @@ def train_task(preset: str, overrides: list[str], dataset: dict[str, Any], paren
         mlflow_run_id = _start_child_run(cfg, parent_run_id, "train", "train")
         run_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(mlflow_run_id)
+        from mgpo_core.ops.tracking import log_dataset_input
+
+        log_dataset_input(tracking_uri_for(cfg), mlflow_run_id, name="train", digest=dataset["dataset_hash"],
+                          source=dataset["dataset_dir"], context="training")
     total = cfg.algorithm.total_steps
     from tasks.artifacts import TrainingProgress
 
@@ -333,6 +336,7 @@ def register_task(
 ) -> dict:
     """Register the exported checkpoint as a model version (alias ``challenger``) with lineage tags."""
     from mgpo_core.config import config_hash
+    from mgpo_core.modeling.source import base_model_lineage
     from mgpo_core.ops.registry import register_checkpoint
 
     cfg = load_cfg(preset, overrides)
@@ -346,7 +350,7 @@ def register_task(
             "mgpo.config_hash": config_hash(cfg),
             "mgpo.dataset_hash": train["dataset_hash"],
             "mgpo.train_run_id": train.get("mlflow_run_id") or "",
-            "mgpo.base_model": cfg.model.path or f"tiny-{cfg.model.tiny}-seed{cfg.model.tiny_seed}",
+            **base_model_lineage(cfg),  # a registry URI as the version it resolved to (models:/NAME/VERSION)
             "mgpo.checkpoint_step": str(train.get("selected_step") or train.get("steps_done") or ""),
         },
         parent_run_id=parent_run_id,

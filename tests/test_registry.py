@@ -128,3 +128,64 @@ def test_versions_registered_before_the_ops_package_still_unpickle() -> None:
     old = pickle.dumps(HFCheckpointModel(), protocol=0).replace(b"mgpo_core.ops.registry", b"mgpo_core.registry")
     assert b"cmgpo_core.registry\nHFCheckpointModel" in old
     assert type(pickle.loads(old)) is HFCheckpointModel
+
+
+def _result(tmp_path, benchmark: str, answers: list[tuple[str, str]], overall: float):  # noqa: ANN001, ANN202
+    """An evaluation result as the runner writes it: hand-labelled records (id, prediction, truth) and metrics."""
+    import json
+
+    from mgpo_core.evaluation.runner import EvalResult
+
+    out = tmp_path / benchmark
+    out.mkdir(parents=True, exist_ok=True)
+    records = out / "samples.jsonl"
+    records.write_text("".join(json.dumps({"id": f"q{i}", "question": "colour?", "choices": ["red", "blue"],
+                                           "answer": truth, "prediction": pred}) + "\n"
+                               for i, (pred, truth) in enumerate(answers)))
+    summary = out / "summary.json"
+    summary.write_text(json.dumps({"overall": overall}))
+    return EvalResult(benchmark, "mgpo", "hf", len(answers), {"overall": overall, "grounding/valid_box_ratio": 0.5},
+                      out, records, summary, None, 1.0)
+
+
+def test_scores_are_logged_model_metrics_linked_to_their_questions(tiny_dir, store, tmp_path):
+    """MLflow 3 throughout: the experiment opens as model training, runs carry the source tags and the questions
+    as a dataset input, scores land on the version's LoggedModel linked to that dataset, the version's tags stay
+    few, promotion reads the LoggedModel and writes the comparison into the description."""
+    from mgpo_core.ops.eval_log import log_eval_results, model_version_eval_tags
+    from mgpo_core.ops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    a = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e",
+                            tags={"mgpo.base_model": "tiny-base-seed0", "mgpo.dataset_hash": "d00d"})
+    client = MlflowClient(store)
+    assert client.get_experiment_by_name("e").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    mv = client.get_model_version("m", a.version)
+    assert "Trained from: tiny-base-seed0" in mv.description and "d00d" in mv.description
+    reg_run = client.get_run(a.run_id).data.tags
+    assert reg_run["mlflow.source.type"] == "JOB" and reg_run["mlflow.source.name"] == "mgpo register"
+    res = _result(tmp_path, "synthetic", [("A", "A"), ("B", "A"), ("B", "B"), ("A", "A")], 0.75)
+    run_id = log_eval_results([res], tracking_uri=store, experiment_name="e", model_name="m", model_version=a.version)
+    from mgpo_core.ops.eval_log import logged_model_id
+
+    lm = client.get_logged_model(logged_model_id(mv))
+    scored = {m.key: m for m in lm.metrics}
+    assert scored["eval/synthetic/overall"].value == 0.75
+    assert scored["eval/synthetic/overall"].dataset_name == "synthetic"
+    digest = scored["eval/synthetic/overall"].dataset_digest
+    assert digest and scored["eval/synthetic/grounding/valid_box_ratio"].dataset_digest == digest
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("synthetic", digest)]
+    tags = client.get_model_version("m", a.version).tags
+    assert "eval/synthetic/grounding/valid_box_ratio" not in tags and tags["eval/synthetic/overall"] == "0.75"
+    assert model_version_eval_tags("m", a.version, tracking_uri=store)["eval/synthetic/grounding/valid_box_ratio"] == 0.5
+    d = promote_if_better(store, "m", a.version, "eval/synthetic/overall", baseline_score=0.5)
+    assert d.promoted and d.new_score == 0.75
+    assert "this version 0.7500, base model 0.5000" in client.get_model_version("m", a.version).description
+    # Scored on other questions (another set of records): not compared with the champion.
+    b = register_checkpoint(_copy_with_change(tiny_dir, tmp_path / "b", 1), tracking_uri=store, model_name="m",
+                            experiment="e", tags={})
+    other = _result(tmp_path / "other", "synthetic", [("A", "A"), ("B", "B")], 1.0)
+    log_eval_results([other], tracking_uri=store, experiment_name="e", model_name="m", model_version=b.version)
+    d = promote_if_better(store, "m", b.version, "eval/synthetic/overall")
+    assert not d.promoted and "another question set" in d.reason
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == a.version

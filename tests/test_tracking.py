@@ -14,10 +14,10 @@ def test_a_resumed_run_does_not_send_the_steps_after_its_checkpoint_twice(tmp_pa
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    first = MetricsSink(uri, run_id, tmp_path / "run")
+    first = MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False)
     for step in (1, 2, 3):  # checkpoint at step 2, then killed after logging step 3
         first.log({"reward/mean": step / 10}, step)
-    resumed = MetricsSink(uri, run_id, tmp_path / "run")  # the relaunched process resumes from step 2
+    resumed = MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False)  # the relaunched process resumes from step 2
     for step in (3, 4):
         resumed.log({"reward/mean": step / 10}, step)
     hist = client.get_metric_history(run_id, "reward/mean")
@@ -26,7 +26,7 @@ def test_a_resumed_run_does_not_send_the_steps_after_its_checkpoint_twice(tmp_pa
     assert [r["step"] for r in journal] == [1, 2, 3, 3, 4] and journal[3].get("redone") is True
     # Another MLflow run (the old one was missing from the store): every step is sent to it.
     other = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
-    MetricsSink(uri, other, tmp_path / "run").log({"reward/mean": 0.3}, 3)
+    MetricsSink(uri, other, tmp_path / "run", system_metrics=False).log({"reward/mean": 0.3}, 3)
     assert [h.step for h in client.get_metric_history(other, "reward/mean")] == [3]
 
 
@@ -48,3 +48,56 @@ def test_collapse_signals_rise_when_the_valid_box_ratio_or_the_replies_fall(tmp_
     journal.write_text("".join(json.dumps({"step": i + 1, "metrics": m}) + "\n" for i, m in enumerate(rows)))
     again = CollapseMonitor.from_journal(journal, upto=8, smoothing=0.5, threshold=0.5)
     assert again.state_dict() == mon.state_dict()
+
+
+def test_experiments_open_as_model_training_and_runs_name_their_source_and_datasets(tmp_path):
+    from mgpo_core.ops.tracking import (
+        EXPERIMENT_KIND,
+        EXPERIMENT_KIND_TAG,
+        ensure_experiment,
+        ensure_run,
+        log_dataset_input,
+    )
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    old = client.create_experiment("made-before", artifact_location=(tmp_path / "a").as_uri())  # no kind tag
+    assert ensure_experiment(client, "made-before") == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    run_id = ensure_run(uri, "fresh", "train", tmp_path / "state")
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert run.data.tags["mlflow.source.name"] == "mgpo train" and run.data.tags["mlflow.source.type"] == "JOB"
+    commit = run.data.tags.get("mlflow.source.git.commit")
+    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    log_dataset_input(uri, run_id, name="train", digest="0123abcd" * 4, source=str(tmp_path / "ds"),
+                      context="training", profile={"kept": 12})
+    (ds,) = client.get_run(run_id).inputs.dataset_inputs
+    assert (ds.dataset.name, ds.dataset.digest) == ("train", "0123abcd" * 4)
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
+    assert json.loads(ds.dataset.profile) == {"kept": 12}
+
+
+def test_system_metrics_reach_the_training_run(tmp_path, monkeypatch):
+    """The sink starts MLflow's system-metrics monitor on its run: CPU and memory appear as ``system/<node>/...``."""
+    import time
+
+    from mgpo_core.ops.tracking import MetricsSink
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_NODE_ID", "node-a")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    sink = MetricsSink(uri, run_id, tmp_path / "run")
+    assert sink.system_monitor is not None
+    try:
+        for _ in range(600):  # until the first sample is logged (a bound, not a timing claim)
+            if any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
+                break
+            time.sleep(0.5)
+    finally:
+        sink.system_monitor.finish()
+    keys = set(client.get_run(run_id).data.metrics)
+    assert {"system/node-a/cpu_utilization_percentage", "system/node-a/system_memory_usage_megabytes"} <= keys, keys
+    assert MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False).system_monitor is None

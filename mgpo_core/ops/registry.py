@@ -22,7 +22,9 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mgpo_core.ops.eval_log import logged_model_id, version_scores
 from mgpo_core.ops.policy_model import MGPOPolicyModel
+from mgpo_core.ops.tracking import ensure_experiment, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +151,65 @@ def register_checkpoint(
         return RegisteredVersion(model_name, str(existing.version), existing.run_id, False)
 
     mlflow.set_tracking_uri(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
-    run_tags = {"mgpo.stage": "register", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    exp_id = ensure_experiment(client, experiment, artifact_location)
+    run_tags = {"mgpo.stage": "register", **source_tags("mgpo register"),
+                **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{digest[:8]}", tags=run_tags) as run:
         mlflow.set_tags(tags)
         info = log_policy_model(hf_dir, registered_model_name=model_name)
     version = str(info.registered_model_version)
     for k, v in {**tags, DIGEST_TAG: digest}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
+    client.update_model_version(model_name, version, description=version_description(tags, digest))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return RegisteredVersion(model_name, version, run.info.run_id, True)
 
 
+_DESCRIBED = (("mgpo.base_model", "Trained from"), ("mgpo.dataset_hash", "Training data (dataset hash)"),
+              ("mgpo.config_hash", "Config hash"), ("mgpo.git_sha", "Code (git commit)"),
+              ("mgpo.train_run_id", "Training run"), ("mgpo.checkpoint_step", "Checkpoint of RL step"))
+
+
+def version_description(tags: dict[str, str], digest: str) -> str:
+    """The version's description (the Models page shows it first): what it is and what it was made from."""
+    lines = ["MGPO policy (Qwen2.5-VL, two-turn grounding then answer). Serve it with `mlflow models serve -m "
+             "models:/NAME@champion`; requests carry `image` (base64), `question` and `choices`.", ""]
+    lines += [f"- {label}: {tags[key]}" for key, label in _DESCRIBED if tags.get(key)]
+    lines.append(f"- Checkpoint digest: {digest}")
+    return "\n".join(lines)
+
+
+def _describe_scores(client: MlflowClient, name: str, version: str, decision: PromotionDecision,
+                     baseline_score: float | None) -> None:
+    """Append the promotion's scores (against the base model or the champion) to the version's description."""
+    try:
+        mv = client.get_model_version(name, version)
+        head = (mv.description or "").split("\n\nScores", 1)[0]
+        lines = [f"Scores ({decision.metric}): this version {decision.new_score:.4f}"]
+        if baseline_score is not None:
+            lines.append(f"base model {baseline_score:.4f}")
+        if decision.champion_score is not None and decision.champion_before != str(version):
+            lines.append(f"champion v{decision.champion_before} {decision.champion_score:.4f}")
+        text = ", ".join(lines) + f". Promotion: {'promoted' if decision.promoted else 'not promoted'} "
+        client.update_model_version(name, version, description=f"{head}\n\n{text}({decision.reason}).")
+    except MlflowException as exc:  # a description is never worth a failed promotion
+        log.warning("could not update the description of %s v%s: %s", name, version, exc)
+
+
 def tag_scores(tracking_uri: str, model_name: str, version: str, scores: dict[str, float]) -> None:
-    """Attach evaluation scores (``eval/<benchmark>/<metric>``) to a model version as tags."""
+    """Attach evaluation scores (``eval/<benchmark>/<metric>``) to a model version: as metrics of its LoggedModel
+    (logged through its registration run), or as tags on a version that has none (registered before MLflow 3)."""
+    import time
+
+    from mlflow.entities import Metric
+
     client = MlflowClient(tracking_uri)
+    mv = client.get_model_version(model_name, version)
+    model_id = logged_model_id(mv)
+    if model_id and mv.run_id:
+        now = int(time.time() * 1000)
+        client.log_batch(mv.run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in scores.items()])
+        return
     for k, v in scores.items():
         client.set_model_version_tag(model_name, version, k, f"{float(v):.6f}")
 
@@ -189,25 +234,34 @@ def promote_if_better(
     min_improvement: float = 0.0,
     baseline_score: float | None = None,
 ) -> PromotionDecision:
-    """Move ``champion`` to ``version`` iff its ``metric`` tag beats the current champion's by more than
-    ``min_improvement``. With no champion yet, the bar is ``baseline_score`` (the model training started from)
-    when given, else none; a version without the score is never promoted."""
+    """Move ``champion`` to ``version`` iff its ``metric`` score (its LoggedModel's metric, or a tag on versions
+    older than that) beats the current champion's by more than ``min_improvement``. With no champion yet, the bar is ``baseline_score`` (the model training started from)
+    when given, else none; a version without the score is never promoted. The scores compared are appended to
+    the version's description."""
     client = MlflowClient(tracking_uri)
+    decision = _decide(client, model_name, version, metric, min_improvement, baseline_score)
+    if decision.new_score is not None:
+        _describe_scores(client, model_name, version, decision, baseline_score)
+    return decision
+
+
+def _decide(client: MlflowClient, model_name: str, version: str, metric: str, min_improvement: float,
+            baseline_score: float | None) -> PromotionDecision:
     new = client.get_model_version(model_name, version)
-    new_score = _score(new.tags, metric)
+    new_score, new_set = version_scores(client, new).get(metric, (None, None))
     try:
         champ = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         champ = None
     champ_version = str(champ.version) if champ is not None else None
-    champ_score = _score(champ.tags, metric) if champ is not None else None
+    champ_score, champ_set = version_scores(client, champ).get(metric, (None, None)) if champ else (None, None)
     if new_score is None:
         return PromotionDecision(False, version, champ_version, metric, None, champ_score,
                                  f"version {version} has no '{metric}' score: evaluate it first")
     if champ_version == str(version):
         return PromotionDecision(True, version, champ_version, metric, new_score, champ_score, "already champion")
     if champ is not None and champ_score is not None:
-        why_not = _not_comparable(new.tags, champ.tags, metric)
+        why_not = _not_comparable(new_set, champ_set, metric)
         if why_not:
             return PromotionDecision(False, version, champ_version, metric, new_score, champ_score,
                                      f"not compared with champion v{champ_version}: {why_not}; re-evaluate it "
@@ -231,18 +285,8 @@ def promote_if_better(
                              f"by more than {min_improvement}")
 
 
-def _not_comparable(new: dict[str, str], champ: dict[str, str], metric: str) -> str | None:
-    """Why two versions' ``metric`` scores are not like with like (other questions), or None."""
-    prefix = metric.rsplit("/", 1)[0]
-    for tag, what in ((f"mgpo.question_set:{prefix}", "question set"), (f"mgpo.questions:{prefix}", "number of questions")):
-        a, b = new.get(tag), champ.get(tag)
-        if a is not None and b is not None and a != b:
-            return f"its {metric} was scored on another {what} ({b} vs {a} now)"
+def _not_comparable(new_set: str | None, champ_set: str | None, metric: str) -> str | None:
+    """Why two versions' ``metric`` scores are not like with like (scored on other questions), or None."""
+    if new_set is not None and champ_set is not None and new_set != champ_set:
+        return f"its {metric} was scored on another question set ({champ_set} vs {new_set} now)"
     return None
-
-
-def _score(tags: dict[str, str], metric: str) -> float | None:
-    try:
-        return float(tags[metric])
-    except (KeyError, ValueError):
-        return None

@@ -67,20 +67,17 @@ def ensure_run(
     if run_id:
         client.get_run(run_id)  # fails loudly on a wrong id
         return run_id
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(experiment, artifact_location=artifact_root(state_dir, uri))
-    )
+    exp_id = ensure_experiment(client, experiment, artifact_root(state_dir, uri))
     del mlflow
-    return client.create_run(exp_id, run_name=run_name).info.run_id
+    return client.create_run(exp_id, run_name=run_name, tags=source_tags("mgpo train")).info.run_id
 
 
 class MetricsSink:
     """Log metrics to MLflow run ``run_id`` at ``uri`` with a local journal and a pending queue."""
 
-    def __init__(self, uri: str, run_id: str | None, run_dir: str | Path, *, enabled: bool = True) -> None:
+    def __init__(
+        self, uri: str, run_id: str | None, run_dir: str | Path, *, enabled: bool = True, system_metrics: bool = True
+    ) -> None:
         self.uri, self.run_id, self.enabled = uri, run_id, enabled
         self.run_dir = Path(run_dir)
         self.journal = self.run_dir / "metrics.jsonl"
@@ -91,6 +88,8 @@ class MetricsSink:
         # Limit MLflow's own HTTP retries: an unreachable server must not stall a training step for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # CPU, memory, disk, network (and GPU) of this node beside the training metrics, sampled in the background.
+        self.system_monitor = start_system_metrics(uri, run_id, node_id=_node_id()) if enabled and system_metrics else None
 
     def _pending(self) -> list[dict[str, Any]]:
         if not self.pending_path.exists():
@@ -187,10 +186,109 @@ def deliver(uri: str, run_id: str, records: list[dict[str, Any]], batch: int = 9
 
 def replay_pending(run_dir: str | Path, uri: str, run_id: str) -> int:
     """Deliver a run directory's pending metrics to ``run_id``; returns how many records were sent."""
-    sink = MetricsSink(uri, run_id, run_dir)
+    sink = MetricsSink(uri, run_id, run_dir, system_metrics=False)
     n = len(sink._pending())
     if not sink.flush():
         raise RuntimeError(
             f"could not deliver {n} pending metric records to {uri}; they are kept in {sink.pending_path}"
         )
     return n
+
+
+# -- what MLflow 3's UI reads: the experiment's kind, the runs' source, their dataset inputs, system metrics ---------
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The experiment kind that opens MLflow 3's UI on model training (runs, charts, models), not the GenAI view."""
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name`` (created with ``artifact_location`` if missing), tagged as model training.
+
+    The tag is also added to an experiment an older version created without it, so existing stores open in the
+    right view too.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = client.create_experiment(name, artifact_location=artifact_location,
+                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def source_tags(name: str) -> dict[str, str]:
+    """MLflow's standard source tags for a run this project starts: the code's git commit (when it runs from a
+    checkout), the source name (``mgpo <stage>``) and type ``JOB``, as the UI's run header shows them."""
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_dataset_input(
+    uri: str, run_id: str, *, name: str, digest: str, source: str, context: str, profile: dict | None = None
+) -> None:
+    """Record a dataset as an ``mlflow.data`` input of ``run_id`` (the run page's Datasets column): ``digest`` is
+    the project's content hash of it, ``source`` where it lives, ``context`` its role (``train``, ``eval``, ...)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    ds = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=str(digest)[:36])
+    entity = ds._to_mlflow_entity()
+    if profile:
+        entity = type(entity)(entity.name, entity.digest, entity.source_type, entity.source, entity.schema,
+                              json.dumps(profile))
+    MlflowClient(uri).log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+
+def start_system_metrics(uri: str, run_id: str | None, node_id: str | None = None) -> Any | None:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network, GPU when present) on ``run_id``, sampling in a
+    background thread, ``system/...`` metrics under ``node_id``; None when it cannot run (no psutil, no run, an
+    unreachable server). Stop it with ``.finish()``."""
+    if run_id is None or os.environ.get("MGPO_SYSTEM_METRICS", "1") == "0" or not server_reachable(uri):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
+        monitor.start()
+    except Exception as exc:  # noqa: BLE001 - a monitor must never cost the run
+        log.warning("system metrics are not logged (%s: %s)", type(exc).__name__, exc)
+        return None
+    import atexit
+
+    atexit.register(_finish_quietly, monitor)  # log the last samples when the process ends
+    return monitor
+
+
+def _finish_quietly(monitor: Any) -> None:
+    try:
+        monitor.finish()
+    except Exception:  # noqa: BLE001 - at exit, nothing left to tell
+        pass
+
+
+def _node_id() -> str:
+    import socket
+
+    return socket.gethostname()
+

@@ -1,7 +1,8 @@
 """Watching it learn: every k RL steps, a few sampled episodes as a table and a picture, in the run directory and
 in MLflow (what TRL's completion logging and verl's rollout traces give their users, with the grounding drawn).
 
-The table has one row per episode: turn-1 text, parsed box and its reason code, turn-2 text, the answer read from
+The picture also goes to MLflow as a stepped image (``log_image(key="episodes", step=...)``), so the run page's
+images can be stepped through in training order. The table has one row per episode: turn-1 text, parsed box and its reason code, turn-2 text, the answer read from
 the last ``\\boxed{}``, the ground truth, reward and advantage. The picture draws, per episode, the image with the
 predicted box (red, in original pixels) and the ground-truth box (green) under a caption.
 """
@@ -117,8 +118,13 @@ def log_episodes(
                 columns = {key: [row[key] if not isinstance(row[key], list) else str(row[key]) for row in rows] for key in rows[0]} if rows else {}
                 if columns:
                     client.log_table(run_id, data=columns, artifact_file=f"episodes/step_{step:05d}.json")
-                if picture is not None:
+                if picture is not None:  # the file, and a stepped image the run's Images view steps through
+                    from PIL import Image
+
                     client.log_artifact(run_id, str(picture), artifact_path="episodes")
+
+                    with Image.open(picture) as img:
+                        client.log_image(run_id, img.convert("RGB"), key="episodes", step=step)
         except Exception as exc:  # noqa: BLE001 - logging must never end a training run
             log.warning("episode logging to MLflow failed at step %d (%s); the local copy is in %s", step, exc, out)
     return table
