@@ -7,7 +7,8 @@ Instead each stage's key covers:
   transitively (a stage module holds several stages: editing one stage's body leaves the others' keys alone);
 - every project module those import (module level of the stage's module included), and transitively every
   project module those import — anywhere in the file, function-level imports too, and module names written as
-  strings (``python -m mgpo_core.training.entry``), so the closure over-approximates rather than misses code.
+  strings (``python -m mgpo_core.training.entry``), so the closure over-approximates rather than misses code;
+  only imports under ``if TYPE_CHECKING:`` are left out (they never run).
 
 The closure does not enter the shell modules that only print, record and retry around a stage
 (``SHELL_MODULES``): they cannot change a stage's result. The caching machinery itself (``tasks.common``,
@@ -48,11 +49,29 @@ def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     return ".".join([*parts, *([node.module] if node.module else [])])
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk_run_time(tree: ast.AST):  # noqa: ANN202
+    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:`` (imports for annotations never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def imported_names(tree: ast.AST, module: str, is_package: bool = False) -> set[str]:
     """Project module names ``tree`` imports anywhere (``from a import b`` yields ``a`` and ``a.b``: b may be a
     submodule), plus dotted project module names written as string constants."""
     out: set[str] = set()
-    for n in ast.walk(tree):
+    for n in _walk_run_time(tree):
         if isinstance(n, ast.Import):
             out.update(a.name for a in n.names)
         elif isinstance(n, ast.ImportFrom):

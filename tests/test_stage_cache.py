@@ -81,6 +81,16 @@ def test_the_trainer_started_by_module_name_counts_for_training(tree: Path) -> N
     assert changed == {"train"}, changed
 
 
+def test_imports_for_annotations_only_do_not_count() -> None:
+    import ast
+
+    from tasks.stage_code import imported_names
+
+    src = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mgpo_core.evaluation import runner\n" \
+          "else:\n    import mgpo_core.reward\nimport mgpo_core.grounding\n"  # fmt: skip
+    assert imported_names(ast.parse(src), "mgpo_core.x") == {"mgpo_core.reward", "mgpo_core.grounding"}
+
+
 def test_editing_one_stage_body_changes_that_stage_only(tree: Path) -> None:
     path = tree / "tasks/stages.py"
     src = path.read_text()
