@@ -251,10 +251,47 @@ def test_prefect_ui_shows_the_completed_nightly_flow_run(stack):
     page = f"{stack.prefect_ui}/runs/flow-run/{run_id}"
     text = dom_until(page, lambda t: "Completed" in t and name in t)
     assert name in text and "Completed" in text and "mgpo-nightly" in text, text[:3000]
-    for stage in ("filter", "train", "register", "evaluate", "promote"):
-        assert re.search(rf"\b{stage}-\w+", text), (
-            f"the run page does not show the {stage} task:\n{text[:3000]}"
-        )
+    assert name.startswith("nightly tiny-cpu "), f"a readable run name (kind, preset, start), not {name!r}"
+    tasks = api_json(f"{stack.prefect_api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    names = {t["name"] for t in tasks}
+    from mlflow.tracking import MlflowClient
+
+    v = str(MlflowClient(stack.mlflow).get_model_version_by_alias(MODEL, "challenger").version)
+    assert {"filter", "train", "select", "register", f"evaluate v{v}", "baseline", f"promote v{v}"} <= names, names
+    for task_name in (f"evaluate v{v}", f"promote v{v}", "select"):
+        assert task_name in text, f"the run page does not show the {task_name!r} task run:\n{text[:3000]}"
     for shot, url in (("prefect-runs.png", f"{stack.prefect_ui}/runs"), ("prefect-flow-run.png", page)):
         chromium(url, screenshot=stack.shots / shot)
         check_screenshot(stack.shots / shot)
+        keep_for_docs(stack.shots / shot)
+
+
+def keep_for_docs(shot: Path) -> None:
+    """``MGPO_DOCS_SCREENSHOTS=<folder>`` copies a checked screenshot there (how docs/images/ is refreshed)."""
+    folder = os.environ.get("MGPO_DOCS_SCREENSHOTS")
+    if folder:
+        import shutil
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, Path(folder) / shot.name)
+
+
+def test_prefect_ui_shows_the_nightly_summary_with_the_decision_and_mlflow_links(stack):
+    (run,) = api_json(f"{stack.prefect_api}/flow_runs/filter", {"flows": {"name": {"any_": ["mgpo-nightly"]}}})
+    arts = api_json(f"{stack.prefect_api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    by_key = {a["key"]: a for a in arts if a.get("key")}
+    summary = by_key["nightly-summary"]
+    assert "**Decision:**" in summary["data"] and "| metric | base | trained |" in summary["data"]
+    # The links point at the MLflow server that runs: they open.
+    link = by_key["mlflow-model-version"]["data"]
+    url = link[link.index("](") + 2 : -1]
+    assert url.startswith(stack.mlflow) and f"/#/models/{MODEL}/versions/" in url, link
+    assert "training-progress" in by_key and by_key["training-progress"]["data"] == 100.0
+    page = f"{stack.prefect_ui}/artifacts/artifact/{summary['id']}"
+    text = dom_until(page, lambda t: "MGPO nightly" in t and "Decision" in t)
+    assert "MGPO nightly" in text and "Decision:" in text and "trained" in text, text[:3000]
+    tab = f"{stack.prefect_ui}/runs/flow-run/{run['id']}?tab=Artifacts"
+    for shot, url in (("prefect-nightly-summary.png", page), ("prefect-run-artifacts.png", tab)):
+        chromium(url, screenshot=stack.shots / shot)
+        check_screenshot(stack.shots / shot)
+        keep_for_docs(stack.shots / shot)
