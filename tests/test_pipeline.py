@@ -37,7 +37,8 @@ SETS = [
     "evaluation.limit=4",
     "checkpoint.every_steps=1",
     # Two RL steps cannot beat the base model: let the first version become champion anyway (the rule that it
-    # must beat the base is tested in test_registry; here the caching and the aliases are)
+    # must beat the base is tested in test_registry; here the caching and the aliases are, and a version that
+    # must lose is test_a_new_version_that_does_not_beat_the_champion_leaves_it_in_place)
     "evaluation.min_improvement=-1",
 ]
 
@@ -205,3 +206,22 @@ def test_day_two_servers_up_then_rerun_deleted_version_and_moved_state(clean_run
     assert next((moved / "datasets").iterdir()).name == dataset_hash
     reg = registry_state(moved)
     assert reg["versions"] == ["2"] and reg["champion"] == reg["challenger"] == "2"
+
+
+def test_a_new_version_that_does_not_beat_the_champion_leaves_it_in_place(tmp_path):
+    """The clean run forces promotion (min_improvement=-1); here the second night's version must lose: with
+    min_improvement=1 no accuracy in [0, 1] can beat a champion's by more than 1. It is registered and evaluated,
+    becomes the challenger, and `champion` stays on version 1."""
+    state = tmp_path / "state"
+    p = run_pipeline(state)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert registry_state(state)["champion"] == "1"
+    # Another night: a different sampling seed trains a different checkpoint (version 2).
+    p = run_pipeline(state, extra=("algorithm.seed=1", "evaluation.min_improvement=1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    reg = registry_state(state)
+    assert reg["versions"] == ["1", "2"] and reg["challenger"] == "2"
+    assert reg["champion"] == "1", "a version that does not beat the champion must not take its alias"
+    assert "champion unchanged" in p.stdout and "does not beat champion v1" in p.stdout, p.stdout[-3000:]
+    counts = executions(state)
+    assert (counts["train"], counts["register"], counts["promote"]) == (2, 2, 2)
