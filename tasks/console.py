@@ -74,7 +74,10 @@ class Console:
             self._point(previous or "pipeline")
 
     def say(self, text: str) -> None:
-        self.term.write(text + "\n")
+        from mgpo_core.config.secrets import redact
+
+        # A path or message may carry a secret (docs/SECURITY.md).
+        self.term.write(redact(text) + "\n")
         self.term.flush()
 
     def close(self) -> None:

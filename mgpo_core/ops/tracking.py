@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str | None, state_dir: str | Path) -> str:
-    """``None`` → a local SQLite store under the state directory (the embedded default)."""
+    """``None`` → a local SQLite store under the state directory (the embedded default). An HTTP(S) URI's
+    user-info moves to MLflow's credential variables (``config/secrets.py: credentials_to_env``), so no caller
+    holds, prints or records a URI with a password in it."""
     if uri:
-        return uri
+        from mgpo_core.config.secrets import credentials_to_env
+
+        return credentials_to_env(uri)
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{state / 'mlflow.db'}"
