@@ -83,8 +83,11 @@ class StageLockManager(FileSystemLockManager):
         return got
 
     def release_lock(self, key: str, holder: str) -> None:
-        self._owner_path(key).unlink(missing_ok=True)
+        # The lock first, its owner record after: Prefect's release asks is_locked, which would take a lock
+        # without an owner record older than ORPHAN_AFTER_S for an orphan and break it (every stage longer
+        # than a minute then failed at commit with "No lock for transaction").
         super().release_lock(key, holder)
+        self._owner_path(key).unlink(missing_ok=True)
 
     def _owner(self, key: str) -> dict[str, Any] | None:
         try:
