@@ -76,6 +76,9 @@ class Cluster:
             POSTGRES_PORT=str(self.port),
             MLFLOW_DB_PASSWORD="unused-with-trust-auth",
             PREFECT_DB_PASSWORD="unused-with-trust-auth",
+            # The scripts authenticate by default; that is tested in test_security_servers.py.
+            MLFLOW_AUTH="off",
+            PREFECT_AUTH="off",
             **extra,
         )
         return env
