@@ -29,7 +29,7 @@ def _copy_with_change(src, dst, byte: int):  # noqa: ANN001, ANN202
     return dst
 
 
-def test_register_is_idempotent_and_tags_lineage(tiny_dir, store):
+def test_register_is_idempotent_and_tags_lineage(tiny_dir, store, tmp_path):
     tags = {"mgpo.git_sha": "abc123", "mgpo.config_hash": "c0ffee", "mgpo.dataset_hash": "d00d",
             "mgpo.train_run_id": "r1"}
     v1 = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e", tags=tags)
@@ -41,6 +41,15 @@ def test_register_is_idempotent_and_tags_lineage(tiny_dir, store):
         assert mv.tags[k] == v
     assert str(client.get_model_version_by_alias("m", CHALLENGER).version) == v1.version
     assert len(client.search_model_versions("name='m'")) == 1
+    # The registered checkpoint is the export plus a model card (README.md) naming what it was made from.
+    from mgpo_core.modeling.source import resolve_registry_model
+
+    hf = resolve_registry_model(f"models:/m/{v1.version}", tracking_uri=store, cache_root=tmp_path / "cache").hf_dir
+    card = (hf / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "| Config hash | c0ffee |" in card and "d00d" in card
+    weights = hf / "model.safetensors"
+    assert not weights.is_symlink() and weights.read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert not (tiny_dir / "README.md").exists()  # the export itself is left as it was
 
 
 def test_champion_moves_only_when_the_new_version_wins(tiny_dir, store, tmp_path):

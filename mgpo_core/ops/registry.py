@@ -71,9 +71,60 @@ def _stage_code(into: Path) -> Path:
     return dst
 
 
-def log_policy_model(hf_dir: str | Path, *, registered_model_name: str | None = None, name: str = "model") -> Any:
+def model_card(model_name: str, tags: dict[str, str], digest: str) -> str:
+    """A Hugging Face model card (``README.md``) for a registered checkpoint: what it is, what it was made from
+    (base model, data, config, code, run, step) and how to serve it. Scores are not known at registration: they
+    are the version's LoggedModel metrics and its description (base model and champion beside them)."""
+    base = tags.get("mgpo.base_model", "")
+    hub_like = base and not base.startswith(("/", ".", "models:/", "tiny-"))
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             "tags: [mgpo, visual-grounding, reinforcement-learning, qwen2.5-vl]"]
+    front += [f"base_model: {base}"] if hub_like else []
+    rows = [f"| {label} | {tags[key]} |" for key, label in _DESCRIBED if tags.get(key)]
+    return "\n".join([
+        *front, "---", "", f"# {model_name}: an MGPO policy", "",
+        "Qwen2.5-VL post-trained with Multi-turn Grounding-based Policy Optimization (arXiv 2507.05920): in a fixed "
+        "two-turn conversation it first gives the box of the region that matters, then answers seeing the overview "
+        "and the enlarged crop of the original image. Reward: the final letter is right.", "",
+        "## Lineage", "", "| | |", "|---|---|", *rows, f"| Checkpoint digest | {digest} |", "",
+        "## Scores", "",
+        "Scores are attached after registration: the MLflow model version's LoggedModel metrics (each linked to "
+        "the benchmark questions it was scored on), and its description, which lists them beside the base model's "
+        "and the champion's when the version is considered for promotion.", "",
+        "## Use", "",
+        "An ordinary Hugging Face directory (`AutoModelForImageTextToText`, vLLM). Served by MLflow: "
+        f"`mlflow models serve -m models:/{model_name}@champion --env-manager local`; a request row carries "
+        "`image` (the file's bytes, base64), `question` and `choices`, and the answer is the letter.", "",
+    ])
+
+
+def _with_card(hf_dir: Path, card: str, into: Path) -> Path:
+    """``hf_dir`` as MLflow should copy it, with ``README.md`` (the card) added: a folder of hard links to its files
+    (``into`` is beside ``hf_dir``, on the same file system; MLflow refuses symbolic links), so no checkpoint is
+    copied twice and the export itself is not touched (its digest identifies the version)."""
+    import os
+    import shutil
+
+    view = into / hf_dir.name
+    for f in sorted(hf_dir.rglob("*")):
+        if f.is_file() and f.relative_to(hf_dir).as_posix() != "README.md":
+            dst = view / f.relative_to(hf_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dst)
+            except OSError:  # a file system without hard links: copy
+                shutil.copy2(f, dst)
+    view.mkdir(parents=True, exist_ok=True)
+    (view / "README.md").write_text(card)
+    return view
+
+
+def log_policy_model(
+    hf_dir: str | Path, *, registered_model_name: str | None = None, name: str = "model", card: str | None = None
+) -> Any:
     """Log ``hf_dir`` into the active run as the servable policy (models from code, signature, input example,
-    ``mgpo_core`` as ``code_paths``); returns MLflow's ``ModelInfo``.
+    ``mgpo_core`` as ``code_paths``; ``card`` becomes the registered checkpoint's ``README.md``); returns MLflow's
+    ``ModelInfo``.
 
     MLflow checks the input example by loading the model and answering it once before it returns, so a version
     that cannot answer is seen at registration (a warning from MLflow), not by its first client.
@@ -83,12 +134,17 @@ def log_policy_model(hf_dir: str | Path, *, registered_model_name: str | None = 
     from mgpo_core.ops import policy_model
 
     code_file = Path(policy_model.__file__).with_name("policy_model_code.py")
-    with tempfile.TemporaryDirectory(prefix="mgpo-model-code-") as tmp:
+    hf_dir = Path(hf_dir)
+    try:  # beside the checkpoint, for hard links; elsewhere (files copied) when its folder is read-only
+        beside_dir = tempfile.TemporaryDirectory(prefix=".mgpo-card-", dir=hf_dir.parent)
+    except OSError:
+        beside_dir = tempfile.TemporaryDirectory(prefix="mgpo-card-")
+    with tempfile.TemporaryDirectory(prefix="mgpo-model-code-") as tmp, beside_dir as beside:
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(code_file),
             code_paths=[str(_stage_code(Path(tmp)))],
-            artifacts={"hf_checkpoint": str(hf_dir)},
+            artifacts={"hf_checkpoint": str(_with_card(Path(hf_dir), card, Path(beside)) if card else hf_dir)},
             signature=policy_model.SIGNATURE,
             model_config={"image_root": ""},  # set at load (model_config=) or by MGPO_SERVING_IMAGE_ROOT when serving
             input_example=policy_model.input_example(),
@@ -156,7 +212,7 @@ def register_checkpoint(
                 **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{digest[:8]}", tags=run_tags) as run:
         mlflow.set_tags(tags)
-        info = log_policy_model(hf_dir, registered_model_name=model_name)
+        info = log_policy_model(hf_dir, registered_model_name=model_name, card=model_card(model_name, tags, digest))
     version = str(info.registered_model_version)
     for k, v in {**tags, DIGEST_TAG: digest}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
