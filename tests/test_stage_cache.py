@@ -265,3 +265,32 @@ def test_a_failed_selection_and_an_evaluation_only_change_rerun_only_what_they_m
     assert {k: again[k] - done.get(k, 0) for k in again} == {
         "filter": 0, "train": 0, "select": 0, "register": 0, "evaluate": 1, "baseline": 1, "promote": 1
     }, again  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the lock itself
+TAKE_AND_DIE = """
+import os, sys
+from pathlib import Path
+from tasks.locks import StageLockManager
+assert StageLockManager(Path(sys.argv[1])).acquire_lock("mgpo-train-k", holder="run-a")
+os._exit(0)  # killed while holding it: nothing releases the lock
+"""
+
+
+def test_a_lock_left_by_a_dead_run_is_broken_a_live_ones_holds(tmp_path: Path) -> None:
+    from tasks.locks import StageLockManager
+
+    locks = tmp_path / "locks"
+    p = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, str(locks)], cwd=SOURCE_ROOT, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert (locks / "mgpo-train-k.lock").exists() and (locks / "mgpo-train-k.owner").exists()
+    mine = StageLockManager(locks)
+    assert not mine.is_locked("mgpo-train-k"), "the holder is gone: its lock must not block every later run"
+    assert not (locks / "mgpo-train-k.lock").exists()
+    assert mine.acquire_lock("mgpo-train-k", holder="run-b")
+    other = StageLockManager(locks)  # another run in this live process sees it held
+    assert other.is_locked("mgpo-train-k") and not other.is_lock_holder("mgpo-train-k", "run-c")
+    assert not other.acquire_lock("mgpo-train-k", holder="run-c", acquire_timeout=0.5)
+    mine.release_lock("mgpo-train-k", holder="run-b")
+    assert not other.is_locked("mgpo-train-k") and not (locks / "mgpo-train-k.owner").exists()
