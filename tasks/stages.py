@@ -264,7 +264,8 @@ def select_task(
     cfg = load_cfg(preset, overrides)
     if not cfg.checkpoint.select_every or not train.get("hf_export"):
         out = _keep_last(train)
-        progress(f"select    the last checkpoint (step {out['selected_step']}; checkpoint.select_every = 0)")
+        why = "no exported checkpoint" if cfg.checkpoint.select_every else "checkpoint.select_every = 0"
+        progress(f"select    the last checkpoint (step {out['selected_step']}; {why})")
         return out
     sel = _select_checkpoint(cfg, Path(train["run_dir"]), train, eval_path)
     progress(f"select    the checkpoint of step {sel.best_step}: {sel.metric} = {sel.curve[sel.best_step]:.4f}")
