@@ -193,3 +193,11 @@ def test_mgpo_run_stops_before_any_stage_when_preflight_fails(tmp_path, sharded)
                         f"state_dir={tmp_path}", "--skip", "hosts"], capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)  # fmt: skip
     assert q.returncode == 0 and "0 failed" in q.stdout, q.stdout + q.stderr
+
+
+def test_the_vllm_engine_refuses_an_unsupported_version_with_the_fix():
+    from mgpo_core.rollout.vllm_engine import require_supported_vllm
+
+    require_supported_vllm("0.32.0")
+    with pytest.raises(RuntimeError, match=r"pip install 'vllm==0\.32\.\*'"):
+        require_supported_vllm("0.33.0")

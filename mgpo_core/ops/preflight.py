@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mgpo_core.rollout.vllm_engine import SUPPORTED_VLLM
+
 Status = Literal["ok", "warn", "fail"]
 
-SUPPORTED_VLLM = "0.32"
-"""The vLLM minor version the engine is written for (``logprobs_mode``, ``reload_weights``, ``wake_up``'s return)."""
 
 
 @dataclass(frozen=True)

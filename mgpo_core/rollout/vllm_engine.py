@@ -123,6 +123,21 @@ class VLLMStats:
         }
 
 
+SUPPORTED_VLLM = "0.32"
+"""The vLLM minor this engine is written for: ``logprobs_mode="processed_logprobs"``, ``reload_weights`` into a
+woken engine, and what ``wake_up`` returns are 0.32's. The ``gpu`` extra pins it; preflight checks it too."""
+
+
+def require_supported_vllm(version: str) -> None:
+    """Raise with the fix when ``version`` is not a 0.32 release (another minor changes the APIs above)."""
+    if not (version == SUPPORTED_VLLM or version.startswith(SUPPORTED_VLLM + ".")):
+        raise RuntimeError(
+            f"vLLM {version} is installed; this rollout engine is written for vLLM {SUPPORTED_VLLM}.x (log-prob "
+            f"mode, weight reload, sleep/wake). Install it: pip install 'vllm=={SUPPORTED_VLLM}.*' (the project's "
+            "[gpu] extra pins it), or set rollout.engine=hf"
+        )
+
+
 def on_cpu_platform() -> bool:
     """True for vLLM's CPU build (the platform vLLM itself detected, not whether CUDA is visible)."""
     from vllm.platforms import current_platform
@@ -361,7 +376,10 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm = llm if llm is not None else self._start()
 
     def _start(self) -> Any:
+        import vllm
         from vllm import LLM
+
+        require_supported_vllm(str(vllm.__version__))
 
         kwargs = build_llm_kwargs(self.model_dir, self.options, self.settings, on_cpu=self.on_cpu)
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
