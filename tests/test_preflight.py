@@ -196,7 +196,7 @@ def test_mgpo_run_stops_before_any_stage_when_preflight_fails(tmp_path, sharded)
 
 
 def test_the_vllm_engine_refuses_an_unsupported_version_with_the_fix():
-    from mgpo_core.rollout.vllm_engine import require_supported_vllm
+    from mgpo_core.rollout.vllm_version import require_supported_vllm
 
     require_supported_vllm("0.32.0")
     with pytest.raises(RuntimeError, match=r"pip install 'vllm==0\.32\.\*'"):

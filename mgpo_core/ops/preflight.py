@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mgpo_core.rollout.vllm_engine import SUPPORTED_VLLM
+from mgpo_core.rollout.vllm_version import SUPPORTED_VLLM
 
 Status = Literal["ok", "warn", "fail"]
 

@@ -44,6 +44,7 @@ from mgpo_core.rollout.base import (
     RolloutSettings,
     SamplingSpec,
 )
+from mgpo_core.rollout.vllm_version import require_supported_vllm
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +122,6 @@ class VLLMStats:
             "timing/rollout_generate_s": self.generate_s,
             "timing/weight_sync_s": self.weight_sync_s,
         }
-
-
-SUPPORTED_VLLM = "0.32"
-"""The vLLM minor this engine is written for: ``logprobs_mode="processed_logprobs"``, ``reload_weights`` into a
-woken engine, and what ``wake_up`` returns are 0.32's. The ``gpu`` extra pins it; preflight checks it too."""
-
-
-def require_supported_vllm(version: str) -> None:
-    """Raise with the fix when ``version`` is not a 0.32 release (another minor changes the APIs above)."""
-    if not (version == SUPPORTED_VLLM or version.startswith(SUPPORTED_VLLM + ".")):
-        raise RuntimeError(
-            f"vLLM {version} is installed; this rollout engine is written for vLLM {SUPPORTED_VLLM}.x (log-prob "
-            f"mode, weight reload, sleep/wake). Install it: pip install 'vllm=={SUPPORTED_VLLM}.*' (the project's "
-            "[gpu] extra pins it), or set rollout.engine=hf"
-        )
 
 
 def on_cpu_platform() -> bool:

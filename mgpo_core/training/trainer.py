@@ -550,7 +550,7 @@ class MGPOTrainer:
             "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)),
             "hf_export": str(export) if export else None,
             "mlflow_run_id": self.mlflow_run_id,
-            "tracking_uri": self.uri,
+            "tracking_uri": redact(self.uri),  # a database URI's password never lands in a file
             "config_hash": config_hash(self.cfg),
             "world_size": self.dist.world,
             "final_metrics": last,
