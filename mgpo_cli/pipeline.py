@@ -37,12 +37,20 @@ def _prepare_environment(state_dir: str) -> tuple[str | None, str | None]:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_from_args(args)  # validates the preset and overrides before anything starts
-    if not args.no_preflight and not _preflight_passes(cfg, args):
-        return 2
     prefect_url, mlflow_url = _prepare_environment(cfg.state_dir)
     overrides = list(args.overrides)
     if mlflow_url and not cfg.tracking.mlflow_tracking_uri:
         overrides.append(f"tracking.mlflow_tracking_uri={mlflow_url}")
+    from mgpo_core.config import load_config
+    from mgpo_core.config.secrets import redact
+    from mgpo_core.ops.tracking import tracking_uri_for
+
+    cfg = load_config(args.preset, overrides)  # the store the run will use (the local server's when it runs)
+    if not args.no_preflight and not _preflight_passes(cfg, args):
+        return 2
+    # What the run talks to, as the user configured it (an external Prefect API, a tracking server), secrets masked.
+    prefect_url = prefect_url or os.environ.get("PREFECT_API_URL") or None
+    mlflow_url = mlflow_url or (redact(tracking_uri_for(cfg)) if cfg.tracking.mlflow_tracking_uri else None)
     if args.refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     if args.verbose:
