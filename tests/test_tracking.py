@@ -101,3 +101,21 @@ def test_system_metrics_reach_the_training_run(tmp_path, monkeypatch):
     keys = set(client.get_run(run_id).data.metrics)
     assert {"system/node-a/cpu_utilization_percentage", "system/node-a/system_memory_usage_megabytes"} <= keys, keys
     assert MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False).system_monitor is None
+
+
+def test_episode_pictures_are_stepped_images_of_the_training_run(hf_engine, tiny_cfg, synthetic_samples, tmp_path):
+    """Sampled-episode pictures reach MLflow as images keyed ``episodes`` with their RL step (the run's image view
+    steps through them), beside the plain files."""
+    from mgpo_core.training.episode_log import log_episodes
+    from mgpo_core.training.trainer import rollout_episodes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    eps = rollout_episodes(hf_engine, tiny_cfg, synthetic_samples[:2], seed=1, n=2)
+    for step in (3, 6):
+        log_episodes(eps, [0.5, -0.5] * 2, step, run_dir=tmp_path / "run", k=4, tracking_uri=uri, run_id=run_id)
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    # MLflow names them images/<key>+step+<step>+timestamp+<ms>+<uuid>.png (and writes a .json beside each)
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png") and "episodes" in p)
+    assert steps == [3, 6], images
