@@ -119,3 +119,24 @@ def test_episode_pictures_are_stepped_images_of_the_training_run(hf_engine, tiny
     # MLflow names them images/<key>+step+<step>+timestamp+<ms>+<uuid>.png (and writes a .json beside each)
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png") and "episodes" in p)
     assert steps == [3, 6], images
+
+
+def test_the_metrics_looked_at_first_head_the_run_page(tmp_path):
+    """Reward, valid-box ratio, crop-holds-target and validation accuracy are also logged in a section whose name
+    sorts before every other (MLflow's run page orders sections by name), with the same values and steps."""
+    from mgpo_core.ops.tracking import OVERVIEW
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    sink = MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False)
+    for step in (1, 2):
+        sink.log({"actor/approx_kl": 0.0, "reward/mean": step / 4, "rollout/valid_box_ratio": step / 2,
+                  "rollout/box_contains_target": step / 8, "loss/total": 1.0}, step)
+    sink.log({"val/accuracy": 0.5}, 2)
+    keys = set(client.get_run(run_id).data.metrics)
+    sections = sorted({k.rsplit("/", 1)[0] for k in keys})  # the UI's order (localeCompare ranks digits first too)
+    assert sections[0] == "0_overview" and set(OVERVIEW.values()) <= keys
+    for src, copy in OVERVIEW.items():
+        orig = [(m.step, m.value) for m in client.get_metric_history(run_id, src)]
+        assert sorted(orig) == sorted((m.step, m.value) for m in client.get_metric_history(run_id, copy))
