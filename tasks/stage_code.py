@@ -13,6 +13,11 @@ Instead each stage's key covers:
 The closure does not enter the shell modules that only print, record and retry around a stage
 (``SHELL_MODULES``): they cannot change a stage's result. The caching machinery itself (``tasks.common``,
 ``tasks.validate``) is part of every closure that imports it.
+
+Library modules count whole: a change anywhere in a module a stage imports reruns the stage, even when the
+stage uses one function of it (training digests its export with ``ops.registry.checkpoint_digest``, so an edit
+to the registry module reruns training too — a finished run directory then resumes at its end and trains zero
+steps). Finer (per-function) slicing across modules would miss code that runs by registration at import.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from pathlib import Path
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("mgpo_core", "tasks", "flows")
 #: Around a stage body but never shaping its result: console output, the execution record and hooks, retries,
-#: the lock that keeps two runs of one key apart, what the Prefect UI shows.
-SHELL_MODULES = frozenset({"tasks.console", "tasks.hooks", "tasks.retry", "tasks.locks", "tasks.artifacts"})
+#: the lock that keeps two runs of one key apart, what the Prefect UI shows, and this digest itself (a change
+#: to how code is digested changes the digests anyway).
+SHELL_MODULES = frozenset(
+    {"tasks.console", "tasks.hooks", "tasks.retry", "tasks.locks", "tasks.artifacts", "tasks.stage_code"}
+)
 
 
 def module_file(name: str, root: Path = SOURCE_ROOT) -> Path | None:
