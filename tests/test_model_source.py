@@ -34,6 +34,12 @@ def registered(tiny_dir, tmp_path_factory):
     return store, {v1.version: tiny_dir, v2.version: variant}
 
 
+def _files(d) -> dict[str, bytes]:  # noqa: ANN001
+    """A checkpoint's files, without the model card registration adds (README.md)."""
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(d.rglob("*"))
+            if f.is_file() and f.name != "README.md"}
+
+
 def _cfg(store: str, path: str, state) -> object:  # noqa: ANN001
     return load_config("tiny-cpu", [f"model.path={path}", f"tracking.mlflow_tracking_uri={store}",
                                     f"state_dir={state}"])
@@ -44,20 +50,20 @@ def test_alias_and_version_uris_resolve_to_the_registered_checkpoint(registered,
     for version, original in dirs.items():
         cfg = _cfg(store, f"models:/m/{version}", tmp_path / "state")
         got = model_dir_for(cfg)
-        assert checkpoint_digest(got) == checkpoint_digest(original)
+        assert _files(got) == _files(original)
         assert (got / "config.json").is_file() and got.is_relative_to(tmp_path / "state" / "models" / "registry")
     champion = _cfg(store, "models:/m@champion", tmp_path / "state")
     first = model_dir_for(champion)
-    assert checkpoint_digest(first) == checkpoint_digest(dirs["1"])
-    (first / "fetched-once").write_text("a second resolution must reuse this copy, not download again")
-    assert (model_dir_for(champion) / "fetched-once").is_file()
+    assert _files(first) == _files(dirs["1"])
+    (first / "fetched-once.txt").write_text("a second resolution must reuse this copy, not download again")
+    assert (model_dir_for(champion) / "fetched-once.txt").is_file()
     assert base_model_lineage(champion) == {
         "mgpo.base_model": "models:/m/1",
         "mgpo.base_model_uri": "models:/m@champion",
         "mgpo.base_model_digest": checkpoint_digest(dirs["1"]),
     }
     MlflowClient(store).set_registered_model_alias("m", CHAMPION, "2")  # the alias moves: so does the model
-    assert checkpoint_digest(model_dir_for(champion)) == checkpoint_digest(dirs["2"])
+    assert _files(model_dir_for(champion)) == _files(dirs["2"])
     assert base_model_lineage(champion)["mgpo.base_model"] == "models:/m/2"
     MlflowClient(store).set_registered_model_alias("m", CHAMPION, "1")
 
@@ -93,3 +99,15 @@ def test_mgpo_eval_accepts_a_registry_uri_and_records_the_version(registered, tm
     assert main(["eval", "--model", "models:/m@gone", "--benchmark", "synthetic", "--tracking-uri", store,
                  "--no-mlflow", "--set", f"state_dir={tmp_path / 'state'}"]) == 2
     assert "not found in the tracking store" in capsys.readouterr().err
+
+
+def test_preflight_checks_the_checkpoint_a_registry_uri_names(registered, tmp_path):
+    from mgpo_core.ops.preflight import run_preflight
+
+    store, _ = registered
+    others = ["attention", "vllm", "devices", "hosts", "benchmarks", "training data", "overlap", "disk", "tracking",
+              "memory"]
+    (ok,) = run_preflight(_cfg(store, "models:/m@champion", tmp_path / "state"), skip=others)
+    assert ok.name == "model" and ok.status == "ok", ok
+    (bad,) = run_preflight(_cfg(store, "models:/m@gone", tmp_path / "state"), skip=others)
+    assert bad.status == "fail" and "not found in the tracking store" in bad.detail
