@@ -140,10 +140,24 @@ def select_flow(
         ) from e
     from tasks.stages import _export_identity
 
-    train = {**manifest, "run_dir": str(run), "dataset_hash": manifest.get("dataset_hash", "")}
+    train = {**manifest, "run_dir": str(run), "dataset_hash": manifest.get("dataset_hash") or _dataset_hash_of(run)}
     if train.get("hf_export"):
         train.update(_export_identity(train["hf_export"]))
     return select_task(preset, list(overrides or []), train, eval_path, None)
+
+
+def _dataset_hash_of(run) -> str:  # noqa: ANN001
+    """The content hash of the dataset a run trained on: the name of ``data.train_path`` in its ``config.yaml``
+    (selection on ``validation`` reads that dataset's held-out split)."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        path = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data", {}).get("train_path")
+    except (OSError, yaml.YAMLError):
+        path = None
+    return Path(path).name if path else ""
 
 
 @flow(name="mgpo-register", flow_run_name=run_name("register"))

@@ -294,3 +294,13 @@ def test_a_lock_left_by_a_dead_run_is_broken_a_live_ones_holds(tmp_path: Path) -
     assert not other.acquire_lock("mgpo-train-k", holder="run-c", acquire_timeout=0.5)
     mine.release_lock("mgpo-train-k", holder="run-b")
     assert not other.is_locked("mgpo-train-k") and not (locks / "mgpo-train-k.owner").exists()
+
+
+def test_the_select_flow_finds_the_dataset_a_run_trained_on(tmp_path: Path) -> None:
+    """Selection alone (the ``mgpo-select`` deployment) gets a run directory; selection on ``validation`` needs
+    that run's dataset: its ``config.yaml`` names it."""
+    from flows.nightly import _dataset_hash_of
+
+    (tmp_path / "config.yaml").write_text("data:\n  train_path: /state/datasets/0123abcd\n")
+    assert _dataset_hash_of(tmp_path) == "0123abcd"
+    assert _dataset_hash_of(tmp_path / "missing") == ""
