@@ -350,6 +350,13 @@ def check_tracking(cfg: Any) -> Check:
     # Seconds, not MLflow's minutes of retries with back-off: an unreachable store is the finding.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    import logging
+
+    import mlflow  # noqa: F401 - configures its loggers on import: quiet them after that
+
+    quiet = logging.getLogger("mlflow")  # "Creating initial MLflow database tables" is no news on the console
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         from mlflow.tracking import MlflowClient
 
@@ -368,6 +375,7 @@ def check_tracking(cfg: Any) -> Check:
                      f"{type(e).__name__}: {redact(str(e))[:300]}",
                      "start it (mgpo servers up), fix tracking.mlflow_tracking_uri, or check its credentials")  # fmt: skip
     finally:
+        quiet.setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
