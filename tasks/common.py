@@ -99,6 +99,11 @@ def stage_cache_key(stage: str, ignore_sections: Ignored = (), code: Callable[[M
                 "tracking": store_identity(tracking_uri_for(cfg_obj), cfg_obj.state_dir),
                 "state": state_identity(cfg_obj.state_dir),
             }
+            if str(cfg_obj.model.path or "").startswith("models:/"):
+                from mgpo_core.modeling.source import base_model_lineage
+
+                # An alias moves: the key holds the version (and checkpoint digest) it names today.
+                params["base_model"] = base_model_lineage(cfg_obj)
         fn = code(cfg_obj) if code is not None and cfg_obj is not None else ctx.task.fn
         base = f"mgpo-{stage}-{digest(stage, params, stage_code_digest(fn))}"
         return validated_key(stage, base, cfg_obj, ctx) if cfg_obj is not None else base

@@ -111,3 +111,28 @@ def test_preflight_checks_the_checkpoint_a_registry_uri_names(registered, tmp_pa
     assert ok.name == "model" and ok.status == "ok", ok
     (bad,) = run_preflight(_cfg(store, "models:/m@gone", tmp_path / "state"), skip=others)
     assert bad.status == "fail" and "not found in the tracking store" in bad.detail
+
+
+def test_a_moved_alias_changes_the_training_stage_key(registered, tmp_path):
+    """``model.path: models:/m@champion`` is the version the alias names when the stage runs: the train stage's
+    cache key holds it, so last night's cached training is not reused for another base model."""
+    from types import SimpleNamespace
+
+    from tasks.common import stage_cache_key
+    from tasks.stages import train_task
+
+    store, _ = registered
+    key = stage_cache_key("train", ("evaluation",))
+    ctx = SimpleNamespace(task=SimpleNamespace(fn=train_task.fn))
+    params = {"preset": "tiny-cpu", "overrides": ["model.path=models:/m@champion", f"state_dir={tmp_path}",
+                                                  f"tracking.mlflow_tracking_uri={store}"],
+              "dataset": {"dataset_hash": "d"}, "parent_run_id": None}  # fmt: skip
+    client = MlflowClient(store)
+    client.set_registered_model_alias("m", CHAMPION, "1")
+    on_v1 = key(ctx, dict(params))
+    assert key(ctx, dict(params)) == on_v1
+    client.set_registered_model_alias("m", CHAMPION, "2")
+    try:
+        assert key(ctx, dict(params)) != on_v1
+    finally:
+        client.set_registered_model_alias("m", CHAMPION, "1")
