@@ -216,7 +216,11 @@ def test_mlflow_registry_on_postgresql_promotes_the_better_version(pg, tiny_dir,
     client = MlflowClient(uri)  # a fresh client reads back what the registration path wrote
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == versions["a"]
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == versions["a"]
-    assert client.get_model_version(MODEL, versions["b"]).tags[METRIC] == "0.250000"
+    # The score is a metric of the version's LoggedModel (MLflow 3), stored in PostgreSQL like the rest.
+    from mgpo_core.ops.eval_log import logged_model_id, version_scores
+
+    mv_b = client.get_model_version(MODEL, versions["b"])
+    assert logged_model_id(mv_b) and version_scores(client, mv_b)[METRIC][0] == 0.25
     # The registry really lives in PostgreSQL, not in a SQLite file beside it.
     rows = pg.query("mlflow_direct", "SELECT alias, version FROM registered_model_aliases ORDER BY alias")
     assert rows == [("challenger", int(versions["a"])), ("champion", int(versions["a"]))]
