@@ -201,3 +201,24 @@ def test_the_vllm_engine_refuses_an_unsupported_version_with_the_fix():
     require_supported_vllm("0.32.0")
     with pytest.raises(RuntimeError, match=r"pip install 'vllm==0\.32\.\*'"):
         require_supported_vllm("0.33.0")
+
+
+def test_benchmarks_check_opens_no_image_outside_the_benchmarks_root(tmp_path):
+    """Preflight reads the first rows as evaluation does: an image path escaping the data's folder is dropped
+    (path_outside_root), so a file whose rows all escape fails the check instead of being opened."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(outside / "secret.png")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    items = [{"Question_id": f"q{i}", "Question Type": "Multiple Choice", "Image": "../outside/secret.png",
+              "Text": "Q?", "Answer choices": ["(A) a", "(B) b"], "Ground truth": "A", "Task": "Perception",
+              "Subtask": "s", "Category": "c", "Dataset": "d"} for i in range(3)]  # fmt: skip
+    (bench / "lite.json").write_text(json.dumps(items))
+    cfg = _cfg(tmp_path, None, "evaluation.benchmarks=[mme_realworld_lite]",
+               "evaluation.promotion_metric=eval/mme_realworld_lite/overall",
+               f"evaluation.data_paths={{mme_realworld_lite: {bench / 'lite.json'}}}")  # fmt: skip
+    c = pf.check_benchmarks(cfg)
+    assert c.status == "fail" and "path_outside_root" in c.detail

@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mgpo_core.data.schema import Sample
 from mgpo_core.data.synthetic import read_samples_jsonl, synthetic_options, write_synthetic_split
@@ -54,26 +55,11 @@ def read_with_data_readers(ctx: ReadContext, fmt: str, image_base: str | None = 
     out; the runner reports how many questions each score rests on, so a short benchmark is visible.
     Embedded images go to the shared content-addressed cache (``data.image_cache_dir``).
     """
-    from mgpo_core.data.readers import ReadContext as RowsContext
     from mgpo_core.data.readers import read_rows
-    from mgpo_core.data.rows import ImageCache, ReadLimits
 
-    cfg = ctx.cfg
     assert ctx.path is not None
-    cache = cfg.data.image_cache_dir or str(Path(cfg.state_dir) / "data" / "image-cache")
-    rows_ctx = RowsContext(
-        cache=ImageCache(cache),
-        limits=ReadLimits(
-            max_text_chars=cfg.data.filters.max_text_chars, max_row_bytes=cfg.data.filters.max_row_bytes
-        ),
-        # The first V* option is always the right one: the reader shuffles them with this seed (METHOD.md §5).
-        shuffle_seed=cfg.data.shuffle_seed,
-        shuffle_options=True,
-        image_base=Path(image_base) if image_base else None,
-        image_roots=_image_roots(ctx.path, image_base, cfg.data.root, cache),
-    )
     samples, drops = [], Counter()
-    for row in read_rows(ctx.path, fmt, ctx=rows_ctx):
+    for row in read_rows(ctx.path, fmt, ctx=rows_context(ctx.cfg, ctx.path, image_base)):
         if row.sample is None:
             drops[row.reason] += 1
             log.warning("%s: row dropped (%s): %s", row.location, row.reason, row.detail)
@@ -82,6 +68,27 @@ def read_with_data_readers(ctx: ReadContext, fmt: str, image_base: str | None = 
     if drops:
         log.warning("%s: %d rows dropped by the reader: %s", ctx.path, sum(drops.values()), dict(drops))
     return samples
+
+
+def rows_context(cfg: Any, path: Path, image_base: str | None = None):  # noqa: ANN201
+    """The dataset readers' context for a benchmark's data at ``path``: the config's caps and image cache, the
+    option-shuffle seed, and the folders its images may be opened from (``_image_roots``). Evaluation and
+    preflight read benchmark rows through it alike."""
+    from mgpo_core.data.readers import ReadContext as RowsContext
+    from mgpo_core.data.rows import ImageCache, ReadLimits
+
+    cache = cfg.data.image_cache_dir or str(Path(cfg.state_dir) / "data" / "image-cache")
+    return RowsContext(
+        cache=ImageCache(cache),
+        limits=ReadLimits(
+            max_text_chars=cfg.data.filters.max_text_chars, max_row_bytes=cfg.data.filters.max_row_bytes
+        ),
+        # The first V* option is always the right one: the reader shuffles them with this seed (METHOD.md §5).
+        shuffle_seed=cfg.data.shuffle_seed,
+        shuffle_options=True,
+        image_base=Path(image_base) if image_base else None,
+        image_roots=_image_roots(path, image_base, cfg.data.root, cache),
+    )
 
 
 def _image_roots(path: Path, image_base: str | None, data_root: str | None, cache: str) -> tuple[Path, ...]:

@@ -211,9 +211,8 @@ def benchmark_data_path(cfg: Any, name: str, eval_path: str | None = None) -> st
 
 
 def check_benchmarks(cfg: Any, *, eval_path: str | None = None, rows: int = 3) -> Check:
-    from mgpo_core.data.readers import ReadContext, read_rows
-    from mgpo_core.data.rows import ImageCache
-    from mgpo_core.evaluation.benchmarks import get_benchmark
+    from mgpo_core.data.readers import read_rows
+    from mgpo_core.evaluation.benchmarks import get_benchmark, rows_context
 
     bad, good = [], []
     for name in cfg.evaluation.benchmarks:
@@ -232,10 +231,10 @@ def check_benchmarks(cfg: Any, *, eval_path: str | None = None, rows: int = 3) -
         if not Path(path).exists():
             bad.append(f"{name}: {path} does not exist")
             continue
-        cache = ImageCache(Path(cfg.state_dir) / "data" / "image-cache")
         got, reasons = 0, []
         try:
-            for row in read_rows(path, "auto", ctx=ReadContext(cache=cache)):
+            ctx = rows_context(cfg, Path(path), cfg.evaluation.image_roots.get(name))  # paths contained as in eval
+            for row in read_rows(path, "auto", ctx=ctx):
                 if row.sample is not None:
                     got += 1
                 else:
