@@ -189,7 +189,7 @@ class MGPOTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.ref_model = None
-        self.ref_engine = None
+        self.ref_engine = None  # under ZeRO-3, the engine that owns the reference's partitions (kept alive with it)
         if cfg.algorithm.kl_coef > 0:  # the frozen INITIAL policy, also after a resume
             self.ref_model, self.ref_engine = build_reference(cfg, self.model_path, self.device, self.dist.world)
 
