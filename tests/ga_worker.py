@@ -34,7 +34,7 @@ def main(out_dir: str) -> int:
     from mgpo_core.modeling.loading import load_bundle, load_model
     from mgpo_core.training.distributed import init_distributed
     from mgpo_core.training.sampler import shard_for_rank
-    from mgpo_core.training.trainer import build_engine
+    from mgpo_core.training.trainer import build_engine, build_reference
     from mgpo_core.training.update import UpdateSettings, minibatch_update, reference_logprobs
 
     d = Path(out_dir)
@@ -47,8 +47,6 @@ def main(out_dir: str) -> int:
     mine = set(shard_for_rank(groups, dist.rank, dist.world))  # whole prompt groups per rank, in order
     idx = [i for i, ep in enumerate(episodes) if ep.group in mine]
     my_eps, my_adv = [episodes[i] for i in idx], adv[idx]
-    ref_model = load_model(spec["model_dir"], dtype="float32")
-    ref_model.requires_grad_(False).eval()
     for name, overrides in spec["setups"]:
         if overrides.get("world") not in (None, dist.world):
             continue
@@ -58,6 +56,9 @@ def main(out_dir: str) -> int:
         model.train()
         before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
         engine, _, _ = build_engine(cfg, model, dist.world)
+        # The trainer's own reference: under ZeRO-3 sharded over the ranks like the policy; the expected update
+        # (test_update_exact) comes from a plain full copy, so a wrong sharded reference shows there.
+        ref_model, ref_engine = build_reference(cfg, Path(spec["model_dir"]), torch.device("cpu"), dist.world)
         settings = UpdateSettings.from_config(cfg, bundle.special)
         old, ref = reference_logprobs(engine.module, ref_model, my_eps, settings, torch.device("cpu"))
         metrics = minibatch_update(engine, my_eps, my_adv, old, ref, settings, torch.device("cpu"))
@@ -73,6 +74,8 @@ def main(out_dir: str) -> int:
                 d / f"result-w{dist.world}-{name}.pt",
             )
         engine.destroy()
+        if ref_engine is not None:
+            ref_engine.destroy()
         del engine, model, after
         gc.collect()
         if torch.distributed.is_initialized():
