@@ -493,6 +493,7 @@ def promote_task(
         metric,
         min_improvement=cfg.evaluation.min_improvement,
         baseline_score=(baseline or {}).get("metrics", {}).get(metric),
+        baseline_scores=(baseline or {}).get("metrics"),  # every benchmark's, for the model card
     )
     if d.promoted and d.champion_before == str(d.version):
         head = f"champion stays v{d.version}"  # a rerun of a night that already promoted it

@@ -98,7 +98,7 @@ def clean_run(tmp_path_factory) -> Path:
     return state
 
 
-def test_clean_run_registers_evaluates_and_promotes(clean_run):
+def test_clean_run_registers_evaluates_and_promotes(clean_run, monkeypatch):
     assert executions(clean_run) == {
         "filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 1, "baseline": 1, "promote": 1
     }  # fmt: skip
@@ -117,6 +117,22 @@ def test_clean_run_registers_evaluates_and_promotes(clean_run):
     assert {"filter", "train", "register", "evaluate", "baseline"} <= children, (
         "stage runs are nested under the pipeline run"
     )
+    # The version's model card carries the scores the evaluation wrote (this version's and the base model's, by
+    # the strict rule) and the promotion decision.
+    from mgpo_core.modeling.source import resolve_registry_model
+
+    def overall(folder: Path) -> float:
+        return json.loads((folder / "synthetic" / "summary.json").read_text())["metrics"]["overall"]
+
+    mine = overall(clean_run / "eval" / "mgpo-policy-v1")
+    (base_dir,) = (clean_run / "eval").glob("base-*")
+    # MLflow's models:/ download asks the default registry, whatever registry_uri it is given
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{clean_run}/mlflow.db")
+    hf = resolve_registry_model("models:/mgpo-policy/1", tracking_uri=f"sqlite:///{clean_run}/mlflow.db",
+                                cache_root=clean_run / "card-check").hf_dir  # fmt: skip
+    card = (hf / "README.md").read_text()
+    assert f"| synthetic | {mine:.4f} | {overall(base_dir):.4f} |" in card, card
+    assert "Promotion on `eval/synthetic/overall`: promoted to champion" in card, card
 
 
 def test_rerun_after_an_evaluation_failure_runs_only_what_failed(tmp_path, clean_run):

@@ -198,3 +198,34 @@ def test_scores_are_logged_model_metrics_linked_to_their_questions(tiny_dir, sto
     d = promote_if_better(store, "m", b.version, "eval/synthetic/overall")
     assert not d.promoted and "another question set" in d.reason
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == a.version
+
+
+def test_the_model_card_carries_the_scores_vs_the_base_model_after_promotion(tiny_dir, store, tmp_path):
+    """Registration writes the card before any score exists; promotion rewrites it in the version's files with
+    every benchmark's strict-rule accuracy beside the base model's and the decision, and the description too."""
+    from mgpo_core.modeling.source import resolve_registry_model
+    from mgpo_core.ops.eval_log import log_eval_results
+
+    a = register_checkpoint(tiny_dir, tracking_uri=store, model_name="m", experiment="e",
+                            tags={"mgpo.base_model": "tiny-base-seed0"})
+    before = resolve_registry_model(f"models:/m/{a.version}", tracking_uri=store, cache_root=tmp_path / "c0").hf_dir
+    assert "Scores are attached after registration" in (before / "README.md").read_text()
+    res = [_result(tmp_path / "s", "synthetic", [("A", "A"), ("B", "A"), ("B", "B"), ("A", "A")], 0.75),
+           _result(tmp_path / "v", "vstar", [("A", "A"), ("B", "A")], 0.5)]
+    log_eval_results(res, tracking_uri=store, experiment_name="e", model_name="m", model_version=a.version)
+    base = {"eval/synthetic/overall": 0.25, "eval/vstar/overall": 0.5, "eval/synthetic/grounding/valid_box_ratio": 0.0}
+    d = promote_if_better(store, "m", a.version, "eval/synthetic/overall", baseline_score=0.25, baseline_scores=base)
+    assert d.promoted
+    hf = resolve_registry_model(f"models:/m/{a.version}", tracking_uri=store, cache_root=tmp_path / "c1").hf_dir
+    card = (hf / "README.md").read_text()
+    assert "| Benchmark | This version | Base model |" in card, card
+    assert "| synthetic | 0.7500 | 0.2500 |" in card and "| vstar | 0.5000 | 0.5000 |" in card, card
+    assert "Promotion on `eval/synthetic/overall`: promoted to champion (no champion yet; beats the base model" in card
+    assert "Scores are attached after registration" not in card and "| Trained from | tiny-base-seed0 |" in card
+    assert (hf / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    desc = MlflowClient(store).get_model_version("m", a.version).description
+    assert "- synthetic: 0.7500 (base model 0.2500)" in desc and "- vstar: 0.5000 (base model 0.5000)" in desc, desc
+    # A later promotion (here: a rerun) rewrites the section rather than appending another.
+    promote_if_better(store, "m", a.version, "eval/synthetic/overall", baseline_score=0.25, baseline_scores=base)
+    desc = MlflowClient(store).get_model_version("m", a.version).description
+    assert desc.count("- synthetic: 0.7500") == 1 and desc.count("Scores (") == 1, desc

@@ -71,10 +71,16 @@ def _stage_code(into: Path) -> Path:
     return dst
 
 
-def model_card(model_name: str, tags: dict[str, str], digest: str) -> str:
+_PENDING_SCORES = [
+    "Scores are attached after registration: the MLflow model version's LoggedModel metrics (each linked to "
+    "the benchmark questions it was scored on), and its description, which lists them beside the base model's "
+    "and the champion's when the version is considered for promotion.", ""]
+
+
+def model_card(model_name: str, tags: dict[str, str], digest: str, scores: list[str] | None = None) -> str:
     """A Hugging Face model card (``README.md``) for a registered checkpoint: what it is, what it was made from
-    (base model, data, config, code, run, step) and how to serve it. Scores are not known at registration: they
-    are the version's LoggedModel metrics and its description (base model and champion beside them)."""
+    (base model, data, config, code, run, step) and how to serve it. ``scores``: the lines of its Scores section
+    (:func:`score_lines`, written after evaluation and promotion); at registration a note that they follow."""
     base = tags.get("mgpo.base_model", "")
     hub_like = base and not base.startswith(("/", ".", "models:/", "tiny-"))
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
@@ -87,10 +93,7 @@ def model_card(model_name: str, tags: dict[str, str], digest: str) -> str:
         "two-turn conversation it first gives the box of the region that matters, then answers seeing the overview "
         "and the enlarged crop of the original image. Reward: the final letter is right.", "",
         "## Lineage", "", "| | |", "|---|---|", *rows, f"| Checkpoint digest | {digest} |", "",
-        "## Scores", "",
-        "Scores are attached after registration: the MLflow model version's LoggedModel metrics (each linked to "
-        "the benchmark questions it was scored on), and its description, which lists them beside the base model's "
-        "and the champion's when the version is considered for promotion.", "",
+        "## Scores", "", *(scores or _PENDING_SCORES),
         "## Use", "",
         "An ordinary Hugging Face directory (`AutoModelForImageTextToText`, vLLM). Served by MLflow: "
         f"`mlflow models serve -m models:/{model_name}@champion --env-manager local`; a request row carries "
@@ -236,8 +239,9 @@ def version_description(tags: dict[str, str], digest: str) -> str:
 
 
 def _describe_scores(client: MlflowClient, name: str, version: str, decision: PromotionDecision,
-                     baseline_score: float | None) -> None:
-    """Append the promotion's scores (against the base model or the champion) to the version's description."""
+                     baseline_score: float | None, baseline_scores: dict[str, float] | None = None) -> None:
+    """Append the promotion's scores (against the base model or the champion) to the version's description, then
+    every benchmark's strict-rule accuracy beside the base model's."""
     try:
         mv = client.get_model_version(name, version)
         head = (mv.description or "").split("\n\nScores", 1)[0]
@@ -247,9 +251,70 @@ def _describe_scores(client: MlflowClient, name: str, version: str, decision: Pr
         if decision.champion_score is not None and decision.champion_before != str(version):
             lines.append(f"champion v{decision.champion_before} {decision.champion_score:.4f}")
         text = ", ".join(lines) + f". Promotion: {'promoted' if decision.promoted else 'not promoted'} "
-        client.update_model_version(name, version, description=f"{head}\n\n{text}({decision.reason}).")
+        text += f"({decision.reason})."
+        scores = {k: v for k, (v, _) in version_scores(client, mv).items()}
+        base = baseline_scores or {}
+        for key in sorted(k for k in scores if k.endswith("/overall") and k.count("/") == 2):
+            was = f" (base model {base[key]:.4f})" if key in base else ""
+            text += f"\n- {key.split('/')[1]}: {scores[key]:.4f}{was}"
+        client.update_model_version(name, version, description=f"{head}\n\n{text}")
     except MlflowException as exc:  # a description is never worth a failed promotion
         log.warning("could not update the description of %s v%s: %s", name, version, exc)
+
+
+def score_lines(scores: dict[str, float], base: dict[str, float] | None, decision: PromotionDecision) -> list[str]:
+    """The card's Scores section: per benchmark, the accuracy by the strict answer rule (``eval/<benchmark>/overall``:
+    the letter in the last ``\\boxed{}`` of the final turn, the reward's rule) of this version and of the base
+    model (same greedy two-turn evaluation), then the promotion decision."""
+    base = base or {}
+    benches = sorted(k.split("/")[1] for k in scores if k.startswith("eval/") and k.endswith("/overall")
+                     and k.count("/") == 2)  # fmt: skip
+
+    def cell(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    rows = [f"| {b} | {cell(scores.get(f'eval/{b}/overall'))} | {cell(base.get(f'eval/{b}/overall'))} |"
+            for b in benches]  # fmt: skip
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    return [
+        "Accuracy on each benchmark by the strict answer rule (the letter in the last `\\boxed{}` of the final "
+        "turn, the reward's rule), greedy two-turn evaluation; the base model is the model training started from, "
+        "scored the same way.", "",
+        "| Benchmark | This version | Base model |", "|---|---|---|", *rows, "",
+        f"Promotion on `{decision.metric}`: {verdict} ({decision.reason}).", "",
+    ]
+
+
+def publish_scores(tracking_uri: str, model_name: str, version: str, decision: PromotionDecision,
+                   base_scores: dict[str, float] | None) -> str | None:
+    """Rewrite the version's model card (``README.md`` of its checkpoint, in its LoggedModel's files) with its
+    scores next to the base model's and the promotion decision; returns the card, or None when the version has no
+    LoggedModel (registered before MLflow 3) or the card could not be written (a warning says why)."""
+    import tempfile
+
+    import mlflow.artifacts
+    import yaml
+
+    client = MlflowClient(tracking_uri)
+    mv = client.get_model_version(model_name, version)
+    model_id = logged_model_id(mv)
+    if not model_id:
+        log.warning("%s v%s has no LoggedModel: its model card keeps no scores", model_name, version)
+        return None
+    scores = {k: v for k, (v, _) in version_scores(client, mv).items()}
+    card = model_card(model_name, dict(mv.tags), mv.tags.get(DIGEST_TAG, ""), score_lines(scores, base_scores, decision))
+    try:
+        location = client.get_logged_model(model_id).artifact_location
+        with tempfile.TemporaryDirectory(prefix="mgpo-card-") as tmp:
+            meta = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=tmp,
+                                                       tracking_uri=tracking_uri)
+            rel = yaml.safe_load(Path(meta).read_text())["flavors"]["python_function"]["artifacts"]["hf_checkpoint"]
+            (Path(tmp) / "README.md").write_text(card)
+            client.log_model_artifact(model_id, str(Path(tmp) / "README.md"), rel["path"])
+    except (MlflowException, OSError, KeyError, TypeError) as exc:  # a card is never worth a failed promotion
+        log.warning("could not write the model card of %s v%s: %s", model_name, version, exc)
+        return None
+    return card
 
 
 def tag_scores(tracking_uri: str, model_name: str, version: str, scores: dict[str, float]) -> None:
@@ -289,15 +354,18 @@ def promote_if_better(
     *,
     min_improvement: float = 0.0,
     baseline_score: float | None = None,
+    baseline_scores: dict[str, float] | None = None,
 ) -> PromotionDecision:
     """Move ``champion`` to ``version`` iff its ``metric`` score (its LoggedModel's metric, or a tag on versions
     older than that) beats the current champion's by more than ``min_improvement``. With no champion yet, the bar is ``baseline_score`` (the model training started from)
     when given, else none; a version without the score is never promoted. The scores compared are appended to
-    the version's description."""
+    the version's description, and to its model card with every benchmark's score beside ``baseline_scores``
+    (the base model's ``eval/...`` metrics)."""
     client = MlflowClient(tracking_uri)
     decision = _decide(client, model_name, version, metric, min_improvement, baseline_score)
     if decision.new_score is not None:
-        _describe_scores(client, model_name, version, decision, baseline_score)
+        _describe_scores(client, model_name, version, decision, baseline_score, baseline_scores)
+        publish_scores(tracking_uri, model_name, version, decision, baseline_scores)
     return decision
 
 
