@@ -249,6 +249,7 @@ def test_two_hosts_of_a_hostfile_train_one_rank_each_through_deepspeeds_multinod
     monkeypatch.setenv("PATH", loopback_ssh.path_env())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TEST_FORWARDED_TO_RANKS", "yes")  # by deepspeed.env_forward only
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_NODE_ID", raising=False)  # (DeepSpeed forwards MLFLOW* itself)
     before = loopback_ssh.log().count("Accepted publickey")
     lines: list[str] = []
     run_dir = tmp_path / "run"
@@ -266,5 +267,13 @@ def test_two_hosts_of_a_hostfile_train_one_rank_each_through_deepspeeds_multinod
         assert any("exits successfully" in x for x in mine), "\n".join(mine)[-3000:]
     assert sum('"status": "completed"' in x for x in lines if x.startswith(f"{HOSTS[0]}: ")) == 1  # rank 0 only
     assert loopback_ssh.log().count("Accepted publickey") - before >= len(HOSTS) + 1  # + DeepSpeed's SSH check
+    # Each node's local rank 0 sampled its node into the one training run, under its own node id (each rank lives
+    # less than MLflow's 10 s sampling interval here: what it logs is its closing sample).
+    from mlflow.tracking import MlflowClient
+
+    keys = set(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(manifest["mlflow_run_id"]).data.metrics)
+    host = socket.gethostname()
+    for node in (0, 1):
+        assert f"system/node{node}-{host}/cpu_utilization_percentage" in keys, (sorted(keys), [x for x in lines if "metrics" in x][-20:])
     forwarded = (run_dir / "deepspeed_env").read_text().splitlines()
     assert {"DS_ACCELERATOR=cpu", "TEST_FORWARDED_TO_RANKS=yes", f"PATH={os.environ['PATH']}"} <= set(forwarded)

@@ -103,6 +103,39 @@ def test_system_metrics_reach_the_training_run(tmp_path, monkeypatch):
     assert MetricsSink(uri, run_id, tmp_path / "run", system_metrics=False).system_monitor is None
 
 
+def test_one_system_metrics_monitor_per_node_under_its_node_id():
+    """Local rank 0 of every node samples it (and only it: two monitors on one node would log the same machine
+    twice); the node id is the host on one node, ``node<k>-<host>`` on several, k from the launcher's variables."""
+    from mgpo_core.ops.tracking import node_position, system_metrics_node
+
+    def ds(rank: int, local: int, node: int) -> dict[str, str]:  # DeepSpeed's launcher: 2 nodes x 2 ranks
+        return {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": "4", "LOCAL_SIZE": "2",
+                "CROSS_RANK": str(node), "CROSS_SIZE": "2"}  # fmt: skip
+
+    ids = [system_metrics_node(ds(2 * n + lr, lr, n), host="h") for n in (0, 1) for lr in (0, 1)]
+    assert ids == ["node0-h", None, "node1-h", None]
+    # torchrun's names, and the ranks alone (node = rank // local size)
+    tr = {"RANK": "3", "LOCAL_RANK": "0", "WORLD_SIZE": "6", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "3"}
+    assert system_metrics_node(tr, host="h") == "node1-h"
+    assert node_position({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "2"}) == (2, 3)
+    # one node (one process, or all ranks local): the host name, as before
+    assert system_metrics_node({}, host="h") == "h"
+    assert system_metrics_node({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, host="h") is None
+    assert system_metrics_node({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, host="h") == "h"
+
+
+def test_a_node_without_the_sqlite_store_starts_no_monitor(tmp_path, monkeypatch):
+    """A node that cannot see rank 0's SQLite file (no shared disk) does not create an empty store of its own."""
+    from mgpo_core.ops.tracking import start_node_system_metrics
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert start_node_system_metrics(f"sqlite:///{missing}", "0123") is None
+    assert not missing.parent.exists()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert start_node_system_metrics(f"sqlite:///{tmp_path}/x.db", "0123") is None
+
+
 def test_episode_pictures_are_stepped_images_of_the_training_run(hf_engine, tiny_cfg, synthetic_samples, tmp_path):
     """Sampled-episode pictures reach MLflow as images keyed ``episodes`` with their RL step (the run's image view
     steps through them), beside the plain files."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import urllib.request
 import warnings
@@ -93,7 +94,7 @@ class MetricsSink:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # CPU, memory, disk, network (and GPU) of this node beside the training metrics, sampled in the background.
-        self.system_monitor = start_system_metrics(uri, run_id, node_id=_node_id()) if enabled and system_metrics else None
+        self.system_monitor = start_system_metrics(uri, run_id, node_id=system_metrics_node()) if enabled and system_metrics else None
 
     def _pending(self) -> list[dict[str, Any]]:
         if not self.pending_path.exists():
@@ -300,14 +301,68 @@ def start_system_metrics(uri: str, run_id: str | None, node_id: str | None = Non
 
 
 def _finish_quietly(monitor: Any) -> None:
+    """Stop the monitor and log one closing sample (with whatever the loop had collected but not yet logged):
+    MLflow's ``finish`` drops an unlogged sample, so a process shorter than the sampling interval (10 s), such as
+    one rank of a short run, would otherwise leave no system metrics of its node at all."""
     try:
         monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
     except Exception:  # noqa: BLE001 - at exit, nothing left to tell
         pass
 
 
-def _node_id() -> str:
-    import socket
+def node_position(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(this node's rank, number of nodes) from the launcher's variables: DeepSpeed's ``CROSS_RANK``/``CROSS_SIZE``,
+    torchrun's ``GROUP_RANK``/``GROUP_WORLD_SIZE``, else ``RANK // LOCAL_SIZE`` (``LOCAL_WORLD_SIZE``); (0, 1) for
+    one plain process."""
+    env = os.environ if env is None else env
 
-    return socket.gethostname()
+    def first(*names: str) -> int | None:
+        for n in names:
+            if env.get(n, "").strip().isdigit():
+                return int(env[n])
+        return None
+
+    node, nodes = first("CROSS_RANK", "GROUP_RANK"), first("CROSS_SIZE", "GROUP_WORLD_SIZE")
+    local_size, rank, world = first("LOCAL_SIZE", "LOCAL_WORLD_SIZE"), first("RANK"), first("WORLD_SIZE")
+    if local_size:
+        node = node if node is not None else (rank or 0) // local_size
+        nodes = nodes if nodes is not None else max(1, (world or local_size) // local_size)
+    return node or 0, nodes or 1
+
+
+def system_metrics_node(env: Mapping[str, str] | None = None, host: str | None = None) -> str | None:
+    """The node id under which this process logs system metrics (``system/<node id>/...``), or None when it must
+    not start a monitor: one process per node does, its local rank 0. On one node the id is the host name; on
+    several it is ``node<k>-<host>`` (k: the node's rank), so that nodes sharing a host name stay apart and the
+    run page lists them in node order."""
+    env = os.environ if env is None else env
+    if int(env.get("LOCAL_RANK", "0") or 0) != 0:
+        return None
+    if host is None:
+        import socket
+
+        host = socket.gethostname()
+    node, nodes = node_position(env)
+    return host if nodes <= 1 else f"node{node}-{host}"
+
+
+def start_node_system_metrics(uri: str, run_id: str | None) -> Any | None:
+    """On a node other than global rank 0's: its local rank 0 samples the node into the same training run (rank 0's
+    node has the sink's monitor). A SQLite store that is not on this node's disk (no shared file system) is left
+    alone rather than created empty here."""
+    node = system_metrics_node()
+    if node is None or run_id is None:
+        return None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        log.info("system metrics of node %s are not logged: the tracking store %s is not on this node", node, uri)
+        return None
+    monitor = start_system_metrics(uri, run_id, node_id=node)
+    print(  # noqa: T201 - the node's line in the training log
+        f"mgpo: system metrics of node {node}: {'system/' + node + '/... in the training run' if monitor else 'off'}",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    return monitor
 

@@ -54,3 +54,13 @@ def all_reduce_sum(x: float, device: torch.device) -> float:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return float(t.item())
+
+
+def broadcast_from_rank0(obj: Any, device: torch.device | None = None) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group of several ranks.
+    ``device``: this rank's device (NCCL sends through it)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, device=device)
+    return box[0]

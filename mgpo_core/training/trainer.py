@@ -25,11 +25,11 @@ from mgpo_core.data.schema import Sample
 from mgpo_core.episodes import Episode, PromptTemplates
 from mgpo_core.modeling.loading import load_bundle, load_model
 from mgpo_core.modeling.source import model_dir_for
-from mgpo_core.ops.tracking import MetricsSink, ensure_run, tracking_uri_for
+from mgpo_core.ops.tracking import MetricsSink, ensure_run, start_node_system_metrics, tracking_uri_for
 from mgpo_core.rollout import ENGINES, RolloutEngine, RolloutSettings, resolve_engine_name
 from mgpo_core.training import checkpoint as ckpt
 from mgpo_core.training.collapse import CollapseMonitor
-from mgpo_core.training.distributed import init_distributed
+from mgpo_core.training.distributed import broadcast_from_rank0, init_distributed
 from mgpo_core.training.ds_config import build_ds_config
 from mgpo_core.training.metrics import rollout_metrics
 from mgpo_core.training.rewards import get_reward
@@ -236,7 +236,10 @@ class MGPOTrainer:
         self.collapse = CollapseMonitor.from_journal(self.run_dir / "metrics.jsonl", self.step)
         if self.is_main:
             self.mlflow_run_id = self._attach_run()
-            self.sink = MetricsSink(self.uri, self.mlflow_run_id, self.run_dir)
+            self.sink = MetricsSink(self.uri, self.mlflow_run_id, self.run_dir)  # samples rank 0's node too
+        # Every other node's local rank 0 samples its node into the same run, as system/node<k>-<host>/...
+        self.mlflow_run_id = broadcast_from_rank0(self.mlflow_run_id, self.device)
+        self.node_monitor = None if self.is_main else start_node_system_metrics(self.uri, self.mlflow_run_id)
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
     def _resume(self) -> None:
