@@ -31,10 +31,36 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        if os.environ["DS_ACCELERATOR"] == "cpu":
+            warn_if_cpu_op_not_prebuilt()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(
         int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     )
+
+
+def warn_if_cpu_op_not_prebuilt() -> bool:
+    """On CPU DeepSpeed starts through its shared-memory communication op. ``infra/setup_env.sh`` compiles it into
+    the DeepSpeed install; without that, every start loads it through torch's JIT extension loader (a ~30 s build
+    the first time), whose ``lock`` file a start killed at that moment leaves behind, and every later start then
+    waits on it forever. Says so (once, on stderr) and returns True when the op is not prebuilt."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:  # pragma: no cover - a DeepSpeed without the record
+        return False
+    if installed_ops.get("deepspeed_shm_comm"):
+        return False
+    import sys
+
+    print(  # noqa: T201 - goes to the training log, where a user looks for a slow or hung start
+        "mgpo: DeepSpeed was installed without its CPU communication op, so it is built at run time (torch JIT); "
+        "a start killed during that build can leave a 'lock' file in the torch extensions folder "
+        "(deepspeed_shm_comm/lock) that hangs later starts. Install it with bash infra/setup_env.sh "
+        "(DS_BUILD_SHM_COMM=1).",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 def rank0_first(fn: Callable[[], Any]) -> Any:

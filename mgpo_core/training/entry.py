@@ -42,11 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args.config, args.overrides)
     from mgpo_core.training.distributed import init_distributed, rank0_first
-    from mgpo_core.training.jit_guard import jit_lock_guard
     from mgpo_core.training.trainer import MGPOTrainer
 
-    with jit_lock_guard():  # a start killed while loading DeepSpeed's JIT op must not hang the next one
-        init_distributed()
+    init_distributed()
     samples = rank0_first(lambda: load_training_samples(cfg))  # rank 0 writes the synthetic set once
     # Rank 0 builds the offline tiny/base model (when model.path is unset) before any other rank looks at the folder;
     # the others then find it complete. The builder is atomic and locked too, this keeps ranks from even racing.
