@@ -12,9 +12,10 @@ engine) for every seed:
 
 Per step (MLflow, experiment ``mgpo-reproduction``, and each run directory's ``metrics.jsonl``): reward,
 valid-box ratio, IoU with the ground-truth box, box-contains-target rate; every ``--eval-every`` steps a greedy
-validation on a held-out synthetic split (different random stream). Output: ``curves.png`` (valid-box ratio and
-validation accuracy against RL steps for every arm, like the paper's figure), ``summary.json`` and a Markdown
-table on stdout.
+validation on a held-out synthetic split (different random stream), and the same validation on a split from the
+held-out geometry band (``val_heldout/*``: aspect ratios and sizes no training image has, docs/REPRODUCTION.md).
+Output: ``curves.png`` (valid-box ratio and validation accuracy against RL steps for every arm, like the paper's
+figure; held-out geometry dashed), ``summary.json``, a Markdown table and the issue-29 targets on stdout.
 
     .venv/bin/python bench/reproduce.py                      # 2 seeds x 3 arms (docs/REPRODUCTION.md)
     .venv/bin/python bench/reproduce.py --seeds 3 4 --data-seed 7 --out /tmp/repro
@@ -62,6 +63,7 @@ def arm_overrides(args: argparse.Namespace, arm: str, seed: int) -> list[str]:
         f"data.synthetic_eval={args.eval_size}",
         f"evaluation.during_training_every={args.eval_every}",
         f"evaluation.during_training_limit={args.eval_size}",
+        f"evaluation.during_training_heldout={'false' if args.no_heldout else 'true'}",
         f"checkpoint.every_steps={args.steps}",
         "checkpoint.keep_last=1",
         "tracking.experiment_name=mgpo-reproduction",
@@ -140,7 +142,7 @@ def draw_curves(results: dict[str, dict[int, dict]], path: Path, steps: int, win
     font = ImageFont.load_default()
     panels = [
         ("rollout/valid_box_ratio", f"valid-box ratio (sampled rollouts, {window}-step mean)", window),
-        ("val/accuracy", "validation accuracy (greedy, held-out split)", 1),
+        ("val/accuracy", "validation accuracy (greedy; dashed: held-out geometry)", 1),
         ("rollout/box_contains_target", f"box contains the target (sampled, {window}-step mean)", window),
     ]
     pw, ph, m = 420, 300, 48
@@ -170,6 +172,14 @@ def draw_curves(results: dict[str, dict[int, dict]], path: Path, steps: int, win
                     d.line(xy, fill=COLOURS[arm], width=2)
                 for x, y in xy if win == 1 else []:
                     d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=COLOURS[arm])
+                held = res["curves"].get(key.replace("val/", "val_heldout/"), []) if key.startswith("val/") else []
+                hxy = [(x0 + s / steps * w, y0 + h - min(1.0, max(0.0, v)) * h) for s, v in held]
+                for (xa, ya), (xb, yb) in zip(hxy, hxy[1:], strict=False):
+                    for k in range(0, 10, 2):  # dashed
+                        d.line([xa + (xb - xa) * k / 10, ya + (yb - ya) * k / 10,
+                                xa + (xb - xa) * (k + 1) / 10, ya + (yb - ya) * (k + 1) / 10], fill=COLOURS[arm], width=2)
+                for x, y in hxy:
+                    d.rectangle([x - 2, y - 2, x + 2, y + 2], outline=COLOURS[arm])
     for i, arm in enumerate(results):
         x = 20 + i * 300
         d.line([x, ph + 40, x + 24, ph + 40], fill=COLOURS[arm], width=3)
@@ -207,9 +217,57 @@ def summarise(results: dict[str, dict[int, dict]], window: int) -> dict[str, dic
                 "val_acc_final": acc[-1][1] if acc else float("nan"),
                 "val_valid_box_final": (c.get("val/valid_box_ratio") or [(0, float("nan"))])[-1][1],
                 "seconds": res["seconds"],
+                **heldout_figures(c),
             }
         table[arm] = rows
     return table
+
+
+HELDOUT_KEYS = ("accuracy", "valid_box_ratio", "out_of_bounds_ratio", "box_contains_target")
+
+
+def heldout_figures(c: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """``heldout_<metric>_base`` (step 0) and ``heldout_<metric>_final`` (last validation) of ``val_heldout/*``."""
+    out = {}
+    for k in HELDOUT_KEYS:
+        pts = c.get(f"val_heldout/{k}", [])
+        out[f"heldout_{k}_base"] = pts[0][1] if pts else float("nan")
+        out[f"heldout_{k}_final"] = pts[-1][1] if pts else float("nan")
+    return out
+
+
+def heldout_markdown(table: dict[str, dict]) -> str:
+    """The held-out geometry figures per arm and seed, then issue 29's targets per seed (MGPO vs base and GRPO)."""
+    lines = [
+        "| arm | seed | accuracy (base → final) | valid box (base → final) | out of bounds (final) | "
+        "crop holds target (base → final) |\n|---|---|---|---|---|---|"
+    ]
+    for arm, rows in table.items():
+        for seed, r in rows.items():
+            lines.append(
+                f"| {arm} | {seed} | {r['heldout_accuracy_base']:.3f} → {r['heldout_accuracy_final']:.3f} | "
+                f"{r['heldout_valid_box_ratio_base']:.2f} → {r['heldout_valid_box_ratio_final']:.2f} | "
+                f"{r['heldout_out_of_bounds_ratio_final']:.2f} | {r['heldout_box_contains_target_base']:.2f} → "
+                f"{r['heldout_box_contains_target_final']:.2f} |"
+            )
+    mgpo, grpo = table.get("mgpo", {}), table.get("grpo", {})
+    if mgpo:
+        lines += ["", "| seed | target | measured | met |", "|---|---|---|---|"]
+        for seed, r in mgpo.items():
+            checks = [
+                ("valid box ≥ 0.8", r["heldout_valid_box_ratio_final"], r["heldout_valid_box_ratio_final"] >= 0.8),
+                ("out of bounds ≤ 0.05", r["heldout_out_of_bounds_ratio_final"],
+                 r["heldout_out_of_bounds_ratio_final"] <= 0.05),
+                ("crop holds target ≥ 0.6", r["heldout_box_contains_target_final"],
+                 r["heldout_box_contains_target_final"] >= 0.6),
+                ("accuracy ≥ base + 0.25", r["heldout_accuracy_final"] - r["heldout_accuracy_base"],
+                 r["heldout_accuracy_final"] - r["heldout_accuracy_base"] >= 0.25),
+            ]
+            if seed in grpo:
+                gap = r["heldout_accuracy_final"] - grpo[seed]["heldout_accuracy_final"]
+                checks.append(("accuracy ≥ GRPO + 0.2", gap, gap >= 0.2))
+            lines += [f"| {seed} | {name} | {v:+.3f} | {'yes' if ok else '**no**'} |" for name, v, ok in checks]
+    return "\n".join(lines)
 
 
 def markdown(table: dict[str, dict]) -> str:
@@ -265,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=5, help="steps averaged for first/last figures and curves")
     p.add_argument("--fresh", action="store_true", help="retrain arms that finished before")
     p.add_argument("--set", action="append", default=[], help="extra config override for every arm")
+    p.add_argument("--no-heldout", action="store_true", help="skip the validation on the held-out geometry band")
     args = p.parse_args(argv)
 
     from mgpo_core.config import load_config
@@ -300,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(markdown(table))
+    if not args.no_heldout:
+        print("\nheld-out geometry (docs/REPRODUCTION.md):\n" + heldout_markdown(table))
     print(f"\npicture {picture}\nsummary {out / 'summary.json'}\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

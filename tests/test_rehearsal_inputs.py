@@ -11,7 +11,7 @@ import torch
 from mgpo_core.config import load_config
 from mgpo_core.config.rehearsal import REHEARSAL_SCALE_KEYS, rehearsal_differences
 
-SHIPPED_BASE = "tiny-cold-seed0"
+SHIPPED_BASE = "tiny-geo-seed0"
 
 
 @pytest.fixture(scope="module")

@@ -104,12 +104,18 @@ class DataConfig(_Section):
     """Width in pixels of each synthetic high-resolution image."""
     synthetic_height: int = Field(1024, ge=28)
     """Height in pixels of each synthetic high-resolution image."""
+    synthetic_geometry: Literal["fixed", "varied", "heldout"] = "fixed"
+    """How each synthetic image's size is drawn: `fixed` at `synthetic_width` x `synthetic_height`; `varied`
+    draws its aspect ratio (4:3, 3:4, 16:9, 9:16, 1:1, 2:1) and its area (0.6-2x the width x height reference,
+    the tag scaled with it), deterministic from the seed; `heldout` draws from a band `varied` never uses
+    (3:2, 2:3, 5:4, 4:5 at 2.2-2.8x the area: docs/REPRODUCTION.md) to test a model on unseen geometry."""
     synthetic_kinds: list[Literal["colour", "shape", "text"]] = Field(
         default_factory=lambda: ["colour", "shape", "text"], min_length=1
     )
     """What the synthetic questions ask about the tag: its colour mark, its shape, or its letter/digit."""
     synthetic_tag_px: int = Field(16, ge=8)
-    """Smallest side in original pixels of the synthetic target tag (the tiny base model needs ~80 to find it)."""
+    """Smallest side in original pixels of the synthetic target tag (the tiny base model needs ~80 to find it), at
+    the reference size (a `varied` image scales it with its side)."""
     synthetic_mark_fraction: float = Field(0.6, ge=0.05, le=0.9)
     """Share of the tag's side its content fills: a large tag with a small mark is findable in the overview but
     needs a close-up to read."""

@@ -56,6 +56,10 @@ class EvaluationConfig(_Section):
     (accuracy, valid-box ratio, box-contains-target, IoU). 0 = off."""
     during_training_limit: PositiveInt = 32
     """Questions per validation during training (the evaluation split: `data.eval_path` or the synthetic one)."""
+    during_training_heldout: bool = False
+    """Validate also on synthetic questions from the held-out geometry band (aspect ratios and sizes no
+    `data.synthetic_geometry: varied` training image has, docs/REPRODUCTION.md), logged as `val_heldout/*`:
+    whether the learnt grounding carries over to unseen image geometry. Needs the synthetic evaluation split."""
 
     @field_validator("direct_template")
     @classmethod

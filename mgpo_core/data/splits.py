@@ -104,3 +104,20 @@ def load_training_samples(cfg: MGPOConfig) -> list[Sample]:
 def load_eval_samples(cfg: MGPOConfig) -> list[Sample]:
     """The evaluation split: ``data.eval_path`` or the synthetic eval split (validation during training)."""
     return _load_split(cfg, "eval")
+
+
+def validation_sets(cfg: MGPOConfig) -> dict[str, list[Sample]]:
+    """What the trainer validates on, by metric prefix: ``val`` (the first ``evaluation.during_training_limit``
+    questions of the evaluation split) and, with ``evaluation.during_training_heldout``, ``val_heldout``: as many
+    questions of the synthetic evaluation split drawn from the held-out geometry band (``data.synthetic_geometry:
+    heldout``), which no training image comes from."""
+    from mgpo_core.data.synthetic import synthetic_split_for
+
+    limit = cfg.evaluation.during_training_limit
+    sets = {"val": load_eval_samples(cfg)[:limit]}
+    if cfg.evaluation.during_training_heldout:
+        held = cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic_geometry": "heldout"})})
+        path = synthetic_split_for(held, "eval")
+        sets["val_heldout"] = read_contained(path, split_roots(held, path), "evaluation.during_training_heldout")[:limit]
+    return sets
+

@@ -18,6 +18,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,45 @@ JPEG_OPTIONS = {
     "subsampling": 0,
 }  # 4:4:4: chroma subsampling would smear the small colour mark
 PNG_OPTIONS = {"compress_level": 1}  # level 1 encodes a textured 4K image ~3x faster than the default 6
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a synthetic set draws each image's size: an aspect ratio (width:height) from ``aspects`` and an area
+    between ``area[0]`` and ``area[1]`` times the reference ``width x height``. The tag keeps its share of the
+    image (its side scales with the square root of the area), so it has the same size in any overview at one
+    pixel budget: findable there, its mark unreadable there, plain in a crop of the original."""
+
+    name: str
+    aspects: tuple[tuple[int, int], ...]
+    area: tuple[float, float]
+
+    def draw(self, rng: random.Random, width: int, height: int) -> tuple[int, int, float]:
+        """``(width, height, linear scale against the reference)`` for one image."""
+        a, b = rng.choice(self.aspects)
+        factor = rng.uniform(*self.area)
+        area = width * height * factor
+        w = round(math.sqrt(area * a / b))
+        return w, round(area / w), math.sqrt(factor)
+
+
+GEOMETRIES: dict[str, Geometry | None] = {
+    "fixed": None,
+    # what training sees: six aspect ratios (overviews of 9x7, 7x9, 11x6, 6x11 and 8x8 visual tokens at the
+    # tiny budget) and originals from 0.6 to 2 times the reference area
+    "varied": Geometry("varied", ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (2, 1)), (0.6, 2.0)),
+    # the held-out band, never drawn for training: aspect ratios between the trained ones (3:2 and 2:3 give
+    # overview grids of 10x6 and 6x10 tokens, which no trained ratio gives; 5:4 and 4:5 a stretch none has) and
+    # originals 2.2 to 2.8 times the reference area, larger than any trained one
+    "heldout": Geometry("heldout", ((3, 2), (2, 3), (5, 4), (4, 5)), (2.2, 2.8)),
+}
+"""The named geometries (``data.synthetic_geometry``); docs/REPRODUCTION.md names the held-out band."""
+
+
+def geometry_named(name: str) -> Geometry | None:
+    if name not in GEOMETRIES:
+        raise ValueError(f"unknown synthetic geometry {name!r}; use one of {sorted(GEOMETRIES)}")
+    return GEOMETRIES[name]
 
 
 def content_box(side: int, fraction: float = 0.6) -> tuple[int, int, int, int]:
@@ -273,9 +313,14 @@ def _one_sample(
     mark_fraction: float = 0.6,
     decoys: int | None = None,
     shuffle_choices: bool = True,
+    geometry_name: str = "fixed",
 ) -> Sample:
     # One generator per image: image i does not depend on how many came before (parallel and resumable).
     rng = random.Random(f"mgpo-synthetic:{seed}:{split}:{i}")
+    geo = geometry_named(geometry_name)
+    if geo is not None:
+        width, height, scale = geo.draw(rng, width, height)
+        min_target_px = max(8, round(min_target_px * scale))
     img, target = make_synthetic_image(
         rng,
         width,
@@ -325,6 +370,7 @@ def iter_synthetic_samples(
     decoys: int | None = None,
     shuffle_choices: bool = True,
     workers: int = 1,
+    geometry: str = "fixed",
 ) -> Iterator[Sample]:
     """Write ``count`` images under ``out_dir`` and yield their samples in order (deterministic from ``seed``).
 
@@ -332,7 +378,9 @@ def iter_synthetic_samples(
     illegible at (the paper's 1280·28² by default; pass ``rollout.max_pixels``); ``workers`` > 1 generates in
     that many processes (same bytes as one); ``mark_fraction`` and ``decoys`` as :func:`make_synthetic_image`;
     ``shuffle_choices`` off lists the options in the vocabulary's order (with all of it offered, each value
-    always has the same letter). JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
+    always has the same letter); ``geometry`` names a :data:`GEOMETRIES` entry: ``fixed`` draws every image at
+    ``width x height``, ``varied`` and ``heldout`` draw each image's aspect ratio and size around that reference
+    (the tag scaled with the image). JPEG (quality 95, no chroma subsampling) encodes a 4K image an order
     of magnitude faster than PNG; ``image_format="png"`` gives lossless files.
     """
     bad = [k for k in kinds if k not in KINDS]
@@ -340,6 +388,7 @@ def iter_synthetic_samples(
         raise ValueError(f"unknown synthetic kinds {bad or list(kinds)}; use a non-empty subset of {KINDS}")
     if image_format not in ("jpeg", "png"):
         raise ValueError(f"image_format {image_format!r} is not 'jpeg' or 'png'")
+    geometry_named(geometry)  # an unknown name fails here, before any file is written
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     make = functools.partial(
@@ -357,6 +406,7 @@ def iter_synthetic_samples(
         mark_fraction=mark_fraction,
         decoys=decoys,
         shuffle_choices=shuffle_choices,
+        geometry_name=geometry,
     )
     if workers <= 1 or count <= 1:
         for i in range(count):
@@ -416,6 +466,7 @@ def synthetic_options(cfg: Any) -> dict[str, Any]:
         "decoys": d.synthetic_decoys,
         "n_choices": d.synthetic_choices,
         "shuffle_choices": d.synthetic_shuffle_choices,
+        "geometry": d.synthetic_geometry,
     }
 
 
@@ -432,6 +483,8 @@ def synthetic_split_for(cfg: Any, split: str) -> Path:
     extra = {k: opts[k] for k in ("kinds", "min_target_px", "mark_fraction", "decoys")}
     if extra != {"kinds": KINDS, "min_target_px": 16, "mark_fraction": 0.6, "decoys": None}:
         name += "-" + hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+    if opts["geometry"] != "fixed":
+        name += f"-{opts['geometry']}"
     out = Path(cfg.state_dir) / "data" / name
     jsonl = out / "samples.jsonl"
     if not jsonl.exists():

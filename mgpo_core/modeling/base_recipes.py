@@ -121,10 +121,15 @@ class BaseRecipe:
         return f"mgpo-base-items:{seed}{own}" + ("" if stage is None else f":stage{stage}")
 
 
+_SCENE_ADDED_LATER = {"geometry": "fixed"}
+"""SceneSpec fields added after shipped builds: in a digest only when set away from these defaults."""
+
+
 def _digest_view(recipe: dict[str, Any]) -> dict[str, Any]:
     stages = [{k: v for k, v in st.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]} for st in recipe["stages"]]
+    scene = {k: v for k, v in recipe["scene"].items() if k not in _SCENE_ADDED_LATER or v != _SCENE_ADDED_LATER[k]}
     parent = recipe["parent"] and _digest_view(recipe["parent"])
-    return {**recipe, "stages": stages, "parent": parent}
+    return {**recipe, "scene": scene, "stages": stages, "parent": parent}
 
 
 GROUNDING_RECIPE = BaseRecipe(name="ground")
@@ -181,5 +186,30 @@ COLD_RECIPE = BaseRecipe(
 """The reading base, then a short stage with bare questions answered directly: the cold start of the paper's
 base model in miniature (shipped as ``weights/tiny-cold-seed0``)."""
 
-DEFAULT_RECIPE = COLD_RECIPE
+GEOMETRY_RECIPE = BaseRecipe(
+    name="geo",
+    parent=COLD_RECIPE,
+    scene=SceneSpec(choices=6, shuffle_choices=False, geometry="varied"),
+    scenes=600,
+    stages=(
+        # Until now every overview the base saw was at most 9x7 visual tokens (the 1024x768 scene), so its boxes
+        # were partly a memorised layout (issue 29): on 16:9 or 9:16 pictures (11x6, 6x11 tokens) it wrote rows
+        # and columns that are not there. First where things are on pictures of 4-11 tokens per side, then
+        # whole scenes of every trained aspect ratio and size.
+        Stage("geo-spot", 150, {"spot": 0.5, "locate": 0.5}, grids=(4, 3, 11, 11), plain=0.2, restart=True,
+              **_COLOUR),
+        # Then the cold stage's own mix on those scenes: the share of bare questions answered directly is the
+        # cold stage's, so the cold start stays (MGPO's request meets a model that boxes only sometimes).
+        Stage(
+            "geometry", 150,
+            {"read": 0.3 * _COLD_REST, "name": 0.1 * _COLD_REST, "locate": 0.3 * _COLD_REST, "read2": 0.3 * _COLD_REST,
+             "ask": _COLD_ASK, "direct": _COLD_DIRECT},
+            marks=(0.35, 0.25), long_system=True, decay=True, restart=True, **_COLOUR,
+        ),
+    ),
+)
+"""The cold base, then the same mix on scenes of varied aspect ratio and size (``data.synthetic_geometry:
+varied``): the default base (shipped as ``weights/tiny-geo-seed0``)."""
+
+DEFAULT_RECIPE = GEOMETRY_RECIPE
 """The base MGPO starts from (``model.tiny: base``)."""

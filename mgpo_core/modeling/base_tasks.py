@@ -46,7 +46,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from mgpo_core.data.schema import LETTERS, format_choices
-from mgpo_core.data.synthetic import VOCABULARY, draw_options, make_synthetic_image, render_tag
+from mgpo_core.data.synthetic import (
+    VOCABULARY,
+    draw_options,
+    geometry_named,
+    make_synthetic_image,
+    render_tag,
+)
 from mgpo_core.grounding import map_box_to_original
 from mgpo_core.imaging import crop_and_enlarge, resize_for_model
 
@@ -187,6 +193,9 @@ class SceneSpec:
     """Off: the options in the vocabulary's order (with ``choices`` = the whole vocabulary a colour always has
     the same letter, so reading is naming: a tiny model learns to name the colour it sees but not to look its
     letter up among shuffled options, docs/REPRODUCTION.md)."""
+    geometry: str = "fixed"
+    """Whole scenes' size (``mgpo_core.data.synthetic.GEOMETRIES``): ``fixed`` at ``width x height``; ``varied``
+    draws each scene's aspect ratio and area as the ``varied`` synthetic set does, the tag scaled with it."""
 
 
 def make_scene(
@@ -207,6 +216,11 @@ def make_scene(
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     mark = spec.mark_fraction if mark_fraction is None else mark_fraction
     width, height, max_px, decoys = spec.width, spec.height, spec.max_pixels, spec.decoys
+    tag_px = spec.min_target_px
+    geo = geometry_named(spec.geometry)
+    if geo is not None and grid is None:
+        width, height, scale = geo.draw(rng, width, height)
+        tag_px = max(8, round(tag_px * scale))
     if grid is not None:
         scale = math.sqrt(spec.max_pixels / (spec.width * spec.height))
         width, height = round(grid[0] * GRID / scale), round(grid[1] * GRID / scale)
@@ -220,7 +234,7 @@ def make_scene(
             height,
             kind=spec.kind,
             overview_max_pixels=max_px,
-            min_target_px=spec.min_target_px,
+            min_target_px=tag_px,
             mark_fraction=mark,
             decoys=decoys,
         )

@@ -226,7 +226,7 @@ class MGPOTrainer:
 
         self.step = 0
         self.sampler = PromptSampler(samples, seed=cfg.algorithm.seed)
-        self._val_samples: list | None = None
+        self._val_samples: dict[str, list] | None = None
         self.mlflow_run_id = mlflow_run_id or cfg.tracking.run_id
         self.uri = tracking_uri_for(cfg)
         self._resume()
@@ -345,20 +345,23 @@ class MGPOTrainer:
         from mgpo_core.training.metrics import grounding_quality
 
         if self._val_samples is None:
-            from mgpo_core.data.splits import load_eval_samples
+            from mgpo_core.data.splits import validation_sets
 
-            self._val_samples = load_eval_samples(self.cfg)[: self.cfg.evaluation.during_training_limit]
+            self._val_samples = validation_sets(self.cfg)
         t = time.perf_counter()
         self.rollout.wake()
-        episodes = rollout_episodes(self.rollout, self.cfg, self._val_samples, seed=0, greedy=True, n=1)
+        m: dict[str, float] = {}
+        for prefix, samples in self._val_samples.items():
+            episodes = rollout_episodes(self.rollout, self.cfg, samples, seed=0, greedy=True, n=1)
+            n = max(1, len(episodes))
+            m.update({
+                f"{prefix}/accuracy": sum(ep.reward > 0.5 for ep in episodes) / n,
+                f"{prefix}/valid_box_ratio": sum(ep.valid_box for ep in episodes) / n,
+                f"{prefix}/out_of_bounds_ratio": sum(ep.grounding.reason == "out_of_bounds" for ep in episodes) / n,
+                **{f"{prefix}/{k}": v for k, v in grounding_quality(episodes).items()},
+            })
         self.rollout.sleep()
-        n = max(1, len(episodes))
-        m = {
-            "val/accuracy": sum(ep.reward > 0.5 for ep in episodes) / n,
-            "val/valid_box_ratio": sum(ep.valid_box for ep in episodes) / n,
-            **{f"val/{k}": v for k, v in grounding_quality(episodes).items()},
-            "timing/validation_s": time.perf_counter() - t,
-        }
+        m["timing/validation_s"] = time.perf_counter() - t
         return m
 
     def train_step(self) -> dict[str, float]:
