@@ -116,3 +116,16 @@ def test_base_scenes_of_a_varied_spec_vary_and_fixed_ones_do_not():
     sizes = {make_scene(f"geo:{i}", varied).original_size for i in range(12)}
     assert len({round(w / h, 2) for w, h in sizes}) >= 3
     assert {make_scene(f"geo:{i}", SceneSpec()).original_size for i in range(4)} == {(REF_W, REF_H)}
+
+
+def test_the_trainer_validates_on_the_held_out_band_only_when_asked(tmp_path):
+    from mgpo_core.data.splits import validation_sets
+
+    over = [f"state_dir={tmp_path}", "data.synthetic_eval=3", "evaluation.during_training_limit=2"]
+    assert set(validation_sets(load_config("tiny-base-cpu", over))) == {"val"}
+    sets = validation_sets(load_config("tiny-base-cpu", [*over, "evaluation.during_training_heldout=true"]))
+    assert set(sets) == {"val", "val_heldout"} and len(sets["val_heldout"]) == 2
+    for s in sets["val_heldout"]:
+        w, h = _size_of(s.image_path)
+        assert w * h > 2.1 * REF_W * REF_H and round(w / h, 2) in {1.5, 0.67, 1.25, 0.8}, (w, h)
+    assert not {s.image_path for s in sets["val"]} & {s.image_path for s in sets["val_heldout"]}
