@@ -11,9 +11,11 @@ import pytest
 
 from mgpo_core.config import load_config
 
-#: RL steps of the learning test, and the gain in greedy held-out accuracy it must show (64 questions).
-LEARN_STEPS = 8
-LEARN_MIN_GAIN = 0.2
+#: RL steps of the learning test, and the gains in greedy held-out accuracy and valid-box ratio it must show
+#: (64 questions; docs/REPRODUCTION.md, "The learning test", sizes them from seeds 0-3).
+LEARN_STEPS = 12
+LEARN_MIN_GAIN = 0.12
+LEARN_MIN_BOX_GAIN = 0.1
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +54,13 @@ def test_training_starts_from_the_base_model_the_config_names(tmp_path):
 
 def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
     """The paper's claim in miniature: the binary answer reward through the two-turn template and the multi-turn
-    mask, nothing else, lifts greedy accuracy on held-out questions (another random stream) within a few steps.
-    Measured over seeds 0-3 at these settings (docs/REPRODUCTION.md, "The learning test"): 0.22 at step 0 (the
-    cold-start base), gains 0.42, 0.47, 0.41, 0.39 at step 8. LEARN_MIN_GAIN sits 3 standard errors of one
-    64-question evaluation (0.06) below the smallest, and ~6 seed standard deviations (0.03) below the mean."""
+    mask, nothing else, lifts greedy accuracy on held-out questions (another random stream) within a few steps,
+    and the model boxes more. Measured over seeds 0-3 at these settings from the varied-geometry base
+    (docs/REPRODUCTION.md, "The learning test"): accuracy 0.30 at step 0, gains 0.34, 0.30, 0.22, 0.41 at step
+    12 (mean 0.32, seed standard deviation 0.08); valid-box ratio 0.16 at step 0, gains 0.50, 0.48, 0.22, 0.58.
+    LEARN_MIN_GAIN sits 2.5 seed standard deviations below the mean gain; LEARN_MIN_BOX_GAIN 2 standard errors
+    of one 64-question evaluation (0.06) below the smallest box gain. Without learning the box ratio stays at the
+    base's (greedy) and the accuracy gain is noise around 0 (standard error of a difference ~0.08)."""
     from mgpo_core.training.launch import launch_training
 
     cfg = load_config(
@@ -75,9 +80,11 @@ def test_mgpo_raises_held_out_accuracy_under_the_answer_reward(tmp_path):
     launch_training(cfg, tmp_path / "run", timeout_s=900)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["metrics"]["val/accuracy"] for r in rows if "val/accuracy" in r["metrics"]}
+    box = {r["step"]: r["metrics"]["val/valid_box_ratio"] for r in rows if "val/valid_box_ratio" in r["metrics"]}
     reward = [r["metrics"]["reward/mean"] for r in rows if "reward/mean" in r["metrics"]]
     assert sorted(val) == [0, LEARN_STEPS], val
-    assert val[LEARN_STEPS] - val[0] >= LEARN_MIN_GAIN, (val, reward)
+    assert val[LEARN_STEPS] - val[0] >= LEARN_MIN_GAIN, (val, box, reward)
+    assert box[LEARN_STEPS] - box[0] >= LEARN_MIN_BOX_GAIN, (val, box, reward)
     # the training reward moves the same way (first vs last quarter of the run)
     k = max(1, LEARN_STEPS // 4)
     assert sum(reward[-k:]) / k > sum(reward[:k]) / k, reward
