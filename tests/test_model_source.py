@@ -68,6 +68,18 @@ def test_alias_and_version_uris_resolve_to_the_registered_checkpoint(registered,
     MlflowClient(store).set_registered_model_alias("m", CHAMPION, "1")
 
 
+def test_the_store_the_config_names_is_used_even_when_the_environment_names_another(registered, tmp_path,
+                                                                                     monkeypatch):
+    """MLflow's own download of a models:/ URI asks the process's default registry; resolution must not."""
+    store, dirs = registered
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(other).search_experiments()  # an empty store of its own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", other)
+    got = model_dir_for(_cfg(store, "models:/m/2", tmp_path / "state"))
+    assert _files(got) == _files(dirs["2"])
+
+
 def test_unknown_or_malformed_registry_uris_say_what_to_write(registered, tmp_path):
     store, _ = registered
     for uri, words in (("models:/m@nope", "not found in the tracking store"),

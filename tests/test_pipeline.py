@@ -98,7 +98,7 @@ def clean_run(tmp_path_factory) -> Path:
     return state
 
 
-def test_clean_run_registers_evaluates_and_promotes(clean_run, monkeypatch):
+def test_clean_run_registers_evaluates_and_promotes(clean_run):
     assert executions(clean_run) == {
         "filter": 1, "train": 1, "select": 1, "register": 1, "evaluate": 1, "baseline": 1, "promote": 1
     }  # fmt: skip
@@ -126,8 +126,6 @@ def test_clean_run_registers_evaluates_and_promotes(clean_run, monkeypatch):
 
     mine = overall(clean_run / "eval" / "mgpo-policy-v1")
     (base_dir,) = (clean_run / "eval").glob("base-*")
-    # MLflow's models:/ download asks the default registry, whatever registry_uri it is given
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{clean_run}/mlflow.db")
     hf = resolve_registry_model("models:/mgpo-policy/1", tracking_uri=f"sqlite:///{clean_run}/mlflow.db",
                                 cache_root=clean_run / "card-check").hf_dir  # fmt: skip
     card = (hf / "README.md").read_text()

@@ -73,7 +73,7 @@ def resolve_registry_model(uri: str, *, tracking_uri: str, cache_root: str | Pat
     from mlflow.tracking import MlflowClient
 
     name, alias, version = parse_registry_uri(uri)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
@@ -86,24 +86,28 @@ def resolve_registry_model(uri: str, *, tracking_uri: str, cache_root: str | Pat
     key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{name}-v{mv.version}-{(digest or mv.run_id or 'x')[:16]}")
     dest = Path(cache_root) / "registry" / key
     if not (dest / ".complete").is_file():
-        _download(f"{REGISTRY_PREFIX}{name}/{mv.version}", dest, tracking_uri)
+        # The version's own artifact location, resolved here: MLflow's download of a models:/ URI asks the
+        # process's default registry (MLFLOW_TRACKING_URI), whatever registry it is handed.
+        location = client.get_model_version_download_uri(name, mv.version)
+        _download(location, dest, tracking_uri, label=f"{REGISTRY_PREFIX}{name}/{mv.version}")
     return RegistryModel(uri, name, str(mv.version), _hf_dir_in(dest, uri), digest)
 
 
-def _download(uri: str, dest: Path, tracking_uri: str) -> None:
+def _download(uri: str, dest: Path, tracking_uri: str, *, label: str | None = None) -> None:
     """Download the model to ``dest`` atomically (a crash leaves no half folder that looks complete)."""
     import mlflow.artifacts
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri,
-                                            registry_uri=tracking_uri)
-        (tmp / ".complete").write_text(uri + "\n")
+        # a folder's URI lands in a subfolder of tmp named after it: the returned path is the model's root
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
+                                                       tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        (got / ".complete").write_text((label or uri) + "\n")
         if dest.exists():  # an incomplete earlier attempt
             shutil.rmtree(dest)
         try:
-            os.replace(tmp, dest)
+            os.replace(got, dest)
         except OSError:  # another process finished first: its copy is as good
             if not (dest / ".complete").is_file():
                 raise
